@@ -1,0 +1,138 @@
+"""Model configuration: one dataclass, JSON merging, and presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ModelArgs:
+    # --- LLaMA shape (names and meaning as in Meta's params.json) ---
+    dim: int = 4096  # model width
+    n_layers: int = 32  # transformer blocks
+    n_heads: int = 32  # query heads
+    n_kv_heads: int | None = None  # key/value heads for grouped-query attention (None: = n_heads)
+    vocab_size: int = -1  # -1 (Meta's convention): filled from the tokenizer or the checkpoint
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None  # scales the SwiGLU hidden size (LLaMA-2 70B: 1.3)
+    ffn_hidden_dim: int | None = None  # explicit SwiGLU hidden size (Hugging Face intermediate_size); wins
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base
+    max_seq_len: int = 2048  # longest sequence (RoPE table and KV cache size)
+    max_batch_size: int = 32  # KV cache batch size for generation
+
+    # --- adapters (used by the adapter issues; defaults leave the plain model) ---
+    lora_rank: int = 0  # 0: no LoRA
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+    adapter_len: int = 0  # LLaMA-Adapter prefix length (0: off)
+    adapter_layers: int = 0  # prefix on the top N layers
+    bias_tuning: bool = False
+    norm_tuning: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if isinstance(self.lora_targets, list):
+            self.lora_targets = tuple(self.lora_targets)
+        problems = []
+        if self.dim % self.n_heads:
+            problems.append(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            problems.append(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            problems.append(f"head_dim={self.dim // self.n_heads} must be even for rotary embeddings")
+        if problems:
+            raise ValueError("invalid ModelArgs: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """SwiGLU hidden size, computed exactly as Meta's reference does unless given explicitly."""
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    def replace(self, **changes: Any) -> ModelArgs:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["lora_targets"] = list(d["lora_targets"])
+        return d
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "<dict>", base: ModelArgs | None = None) -> ModelArgs:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown config key(s) {unknown}; known keys are {sorted(known)}"
+            )
+        merged = base.to_dict() if base is not None else {}
+        merged.update(values)
+        return cls(**merged)
+
+    @classmethod
+    def from_json(cls, *paths: str | Path, **overrides: Any) -> ModelArgs:
+        """Merge JSON files in order (later files win), e.g. Meta's params.json then a LoRA config."""
+        merged: dict[str, Any] = {}
+        for path in paths:
+            path = Path(path)
+            try:
+                values = json.loads(path.read_text())
+            except FileNotFoundError:
+                raise FileNotFoundError(f"config file not found: {path}") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+            if not isinstance(values, dict):
+                raise ValueError(f"{path}: expected a JSON object of config keys, got {type(values).__name__}")
+            cls.from_dict(values, source=str(path))  # names the file holding an unknown key
+            merged.update(values)
+        merged.update(overrides)
+        return cls.from_dict(merged, source=" + ".join(map(str, paths)) or "<overrides>")
+
+    def with_vocab_size(self, vocab_size: int, *, source: str) -> ModelArgs:
+        """Fill Meta's vocab_size=-1 (from a tokenizer or a checkpoint's embedding); check it otherwise."""
+        if self.vocab_size == -1:
+            return self.replace(vocab_size=vocab_size)
+        if self.vocab_size != vocab_size:
+            raise ValueError(f"vocab_size={self.vocab_size} in the config but {source} has {vocab_size}")
+        return self
+
+
+# Presets: LLaMA-2 shapes, TinyLlama-1.1B, and a tiny one for tests and the quickstart.
+PRESETS: dict[str, ModelArgs] = {
+    "tiny": ModelArgs(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
+        max_seq_len=128, max_batch_size=4,
+    ),
+    "1.1B": ModelArgs(
+        dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, ffn_hidden_dim=5632,
+        max_seq_len=2048,
+    ),
+    "7B": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, max_seq_len=4096),
+    "13B": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256, max_seq_len=4096),
+    "70B": ModelArgs(
+        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, multiple_of=4096,
+        ffn_dim_multiplier=1.3, max_seq_len=4096,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelArgs:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides)

@@ -1,0 +1,64 @@
+"""build_model(): the one build sequence both entry scripts use."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from model.args import ModelArgs
+from model.llama import Transformer
+from util.checkpoint import open_checkpoint
+from util.lazy_init import LoadReport, materialize_and_load, meta_init
+from util.quant import DEFAULT_BLOCK_LIST, quantize_model
+
+log = logging.getLogger(__name__)
+
+
+def build_model(
+    args: ModelArgs | None,
+    checkpoints: Sequence[str | Path] | None = None,
+    *,
+    quant: str | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    block_list: tuple[str, ...] = DEFAULT_BLOCK_LIST,
+    strict: bool = True,
+) -> tuple[Transformer, LoadReport]:
+    """Build a LLaMA model lazily: its memory is the memory of its (quantized) weights.
+
+    args: the config; None takes it from the first checkpoint (params.json / config.json). Meta's
+    vocab_size=-1 is filled from the checkpoint's embedding.
+    """
+    readers = [open_checkpoint(p) for p in checkpoints or []]
+    try:
+        # 0. config: given, or the base checkpoint's; vocab size from the embedding when the config says -1
+        if args is None:
+            if not readers or readers[0].config is None:
+                raise ValueError("no model config: pass ModelArgs (e.g. --llama_config params.json) or a checkpoint with one")
+            args = ModelArgs.from_dict(readers[0].config, source=str(readers[0].path))
+        if args.vocab_size == -1 and readers and "tok_embeddings.weight" in readers[0].keys():
+            args = args.with_vocab_size(readers[0].shape("tok_embeddings.weight")[0], source=str(readers[0].path))
+
+        # 1. build on meta: no storage, no init work
+        with meta_init(dtype):
+            model = Transformer(args)
+
+        # 2. swap linears for bitsandbytes ones, still on meta
+        quantize_model(model, quant, block_list=block_list)
+
+        # 3. allocate, fill (checkpoint or reset_parameters), quantize, release: one tensor at a time
+        report = materialize_and_load(model, readers, device=device, seed=seed, strict=strict)
+    finally:
+        for reader in readers:
+            reader.close()
+
+    # 4. invariants: frozen quantized weights (materialize_and_load verified nothing is on meta, no NaN)
+    for name, p in model.named_parameters():
+        if p.dtype in (torch.uint8, torch.int8) and p.requires_grad:
+            raise RuntimeError(f"quantized weight {name} is trainable")
+    log.info("%s", report.summary())
+    return model, report

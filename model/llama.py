@@ -1,0 +1,135 @@
+"""The LLaMA transformer (Meta's layout and tensor names), model-parallel and buildable on meta.
+
+Each module initializes only the tensors it owns (see `reset_parameters` of the layers); a meta build leaves
+every tensor without storage until `util.lazy_init.materialize_and_load` allocates and fills it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.args import ModelArgs
+from model.layers import ColumnParallelLinear, ParallelEmbedding, RMSNorm, RotaryEmbedding, RowParallelLinear
+from model.layers.parallel import divide, mp_world_size
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        ws = mp_world_size()
+        self.head_dim = args.head_dim
+        self.n_local_heads = divide(args.n_heads, ws, "n_heads")
+        self.n_local_kv_heads = divide(args.n_kv_heads, ws, "n_kv_heads")
+        self.n_rep = self.n_local_heads // self.n_local_kv_heads
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, gather_output=False)
+        self.wk = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, gather_output=False)
+        self.wv = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, gather_output=False)
+        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, input_is_parallel=True)
+        # KV cache for incremental decoding: plain attributes, not buffers, so it is never part of a
+        # checkpoint, never built on meta, and costs nothing until generation asks for it (setup_cache).
+        self.cache_k: torch.Tensor | None = None
+        self.cache_v: torch.Tensor | None = None
+
+    def setup_cache(self, batch: int, seq_len: int, *, device: torch.device, dtype: torch.dtype) -> None:
+        shape = (batch, seq_len, self.n_local_kv_heads, self.head_dim)
+        self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
+        self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, start_pos: int | None) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        q = self.wq(x).view(bsz, seq, self.n_local_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seq, self.n_local_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seq, self.n_local_kv_heads, self.head_dim)
+        q, k = rope(q, start_pos or 0), rope(k, start_pos or 0)
+
+        mask = None
+        is_causal = seq > 1
+        if start_pos is not None:  # decoding: append to the cache, attend over everything so far
+            if self.cache_k is None:
+                raise RuntimeError("the KV cache is not set up: call Transformer.setup_cache() before decoding")
+            if bsz > self.cache_k.shape[0]:
+                raise ValueError(f"batch of {bsz} exceeds the KV cache's {self.cache_k.shape[0]} (max_batch_size)")
+            end = start_pos + seq
+            self.cache_k[:bsz, start_pos:end] = k
+            self.cache_v[:bsz, start_pos:end] = v
+            k, v = self.cache_k[:bsz, :end], self.cache_v[:bsz, :end]
+            if seq > 1 and start_pos > 0:  # causal with an offset: query i sees keys <= start_pos + i
+                pos_q = torch.arange(start_pos, end, device=x.device)[:, None]
+                mask = torch.arange(end, device=x.device)[None, :] <= pos_q
+                is_causal = False
+        if self.n_rep > 1:  # grouped-query attention: each KV head serves n_rep query heads
+            k = k.repeat_interleave(self.n_rep, dim=2)
+            v = v.repeat_interleave(self.n_rep, dim=2)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=is_causal
+        )
+        return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, gather_output=False)
+        self.w2 = RowParallelLinear(hidden_dim, dim, input_is_parallel=True)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, gather_output=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, start_pos: int | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        if args.vocab_size <= 0:
+            raise ValueError(
+                f"vocab_size={args.vocab_size}: fill it from the tokenizer or the checkpoint before building "
+                "(ModelArgs.with_vocab_size)"
+            )
+        self.args = args
+        self.tok_embeddings = ParallelEmbedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = ColumnParallelLinear(args.dim, args.vocab_size, gather_output=True)
+        self.rope = RotaryEmbedding(args.head_dim, args.max_seq_len, args.rope_theta)
+
+    def setup_cache(self, max_batch_size: int | None = None, max_seq_len: int | None = None) -> None:
+        """Allocate the KV caches on the model's device, in its activation dtype (after materialization)."""
+        ref = self.norm.weight
+        if ref.is_meta:
+            raise RuntimeError("materialize the model (materialize_and_load) before setting up its KV cache")
+        for layer in self.layers:
+            layer.attention.setup_cache(
+                max_batch_size or self.args.max_batch_size,
+                max_seq_len or self.args.max_seq_len,
+                device=ref.device,
+                dtype=ref.dtype,
+            )
+
+    def forward(self, tokens: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
+        """tokens [batch, seq] -> fp32 logits [batch, seq, vocab].
+
+        start_pos=None: training forward (causal, no cache). start_pos=int: decoding step that reads and
+        extends the KV cache from that position.
+        """
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, self.rope, start_pos)
+        return self.output(self.norm(h)).float()

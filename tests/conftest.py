@@ -1,0 +1,29 @@
+import logging
+
+import pytest
+import torch
+
+from util.dist import destroy_distributed
+
+# bitsandbytes logs an optional-kernel notice at import on CPU; it is noise in test output.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _clean_global_state():
+    """Tests must not leak default dtype/device or process groups into each other."""
+    dtype, device = torch.get_default_dtype(), torch.get_default_device()
+    yield
+    destroy_distributed()
+    assert torch.get_default_dtype() == dtype, "a test leaked the default dtype"
+    assert torch.get_default_device() == device, "a test leaked the default device"
+    torch.set_default_dtype(dtype)

@@ -1,0 +1,342 @@
+"""Lazy model creation: build on meta, then allocate and fill one tensor at a time.
+
+    with meta_init(torch.bfloat16):          # no storage, no init work
+        model = Transformer(args)
+    quantize_model(model, "4bit")            # still on meta
+    report = materialize_and_load(model, [ckpt_dir])
+
+`materialize_and_load` walks the modules in order. For each tensor still on meta it allocates storage on
+`device` and fills it from the last checkpoint that has it (this rank's slice, cast to the tensor's dtype) or,
+where no checkpoint has it, by its module's own `reset_parameters` (seeded per module name, so the result does
+not depend on walk order or on other modules). Quantized linears quantize their weight as it arrives. The
+checkpoint's pages are released as soon as a tensor is consumed and freed heap is returned to the OS after
+each module, so peak memory stays near the size of the finished model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model.layers.parallel import mp_rank, mp_world_size
+from util import memory
+from util.checkpoint import CheckpointReader, open_checkpoint
+from util.quant import QuantLinear
+
+log = logging.getLogger(__name__)
+
+# Keys some checkpoints carry that this model computes itself (Meta's rope table, HF's rotary inv_freq).
+IGNORED_CHECKPOINT_KEYS = ("rope.freqs", "*.inv_freq")
+
+_meta_depth = 0
+_outer_device: list[torch.device] = []
+
+
+@contextlib.contextmanager
+def meta_init(dtype: torch.dtype | None = None) -> Iterator[None]:
+    """Modules created inside hold meta tensors only (no storage, no init work), of `dtype` if given.
+
+    The global default device and dtype are restored on exit, also when the body raises.
+    """
+    global _meta_depth
+    old_dtype = torch.get_default_dtype()
+    _outer_device.append(torch.get_default_device())
+    _meta_depth += 1
+    try:
+        if dtype is not None:
+            torch.set_default_dtype(dtype)
+        with torch.device("meta"):
+            yield
+    finally:
+        _meta_depth -= 1
+        _outer_device.pop()
+        torch.set_default_dtype(old_dtype)
+
+
+@contextlib.contextmanager
+def real_init(dtype: torch.dtype | None = None) -> Iterator[None]:
+    """Escape hatch inside meta_init(): build real modules (e.g. a visual backbone that brings its own weights).
+
+    Tensors are created on the device that was the default outside meta_init, in `dtype` (default: fp32, since
+    third-party constructors expect it). Default state is restored on exit, also when the body raises.
+    """
+    old_dtype = torch.get_default_dtype()
+    device = _outer_device[-1] if _outer_device else torch.get_default_device()
+    try:
+        torch.set_default_dtype(dtype or torch.float32)
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(old_dtype)
+
+
+def in_meta_init() -> bool:
+    return _meta_depth > 0
+
+
+@dataclass
+class LoadReport:
+    loaded: int = 0  # tensors filled from a checkpoint
+    initialized: int = 0  # tensors filled by their module's reset_parameters
+    quantized: int = 0  # linear weights quantized on arrival
+    missing_keys: list[str] = field(default_factory=list)  # persistent keys no checkpoint had (initialized)
+    unexpected_keys: list[str] = field(default_factory=list)  # checkpoint keys the model does not have
+    ignored_keys: list[str] = field(default_factory=list)  # checkpoint keys the model recomputes (rope tables)
+    sources: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    model_bytes: int = 0  # bytes of all tensors after materialization (quantized sizes)
+    peak_rss: int = 0  # process peak RSS during materialization (0 where unsupported)
+    peak_device_memory: int = 0  # CUDA peak allocated during materialization
+
+    def summary(self) -> str:
+        lines = [
+            f"materialize_and_load: {self.loaded} loaded, {self.initialized} initialized, "
+            f"{self.quantized} quantized in {self.seconds:.2f} s",
+            f"  model tensors  {memory.fmt_bytes(self.model_bytes)}",
+            f"  peak CPU RSS   {memory.fmt_bytes(self.peak_rss)}",
+        ]
+        if self.peak_device_memory:
+            lines.append(f"  peak GPU mem   {memory.fmt_bytes(self.peak_device_memory)}")
+        if self.missing_keys:
+            lines.append(f"  not in checkpoint (initialized): {_short(self.missing_keys)}")
+        if self.unexpected_keys:
+            lines.append(f"  unexpected (unused): {_short(self.unexpected_keys)}")
+        return "\n".join(lines)
+
+
+def _short(keys: Sequence[str], n: int = 6) -> str:
+    return ", ".join(keys[:n]) + (f" ... (+{len(keys) - n})" if len(keys) > n else "")
+
+
+def _empty(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Storage for one tensor. Left uninitialized on purpose: every tensor is then filled (tests swap this for
+    a garbage-filling allocator to prove nothing escapes init)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def module_seed(seed: int, name: str) -> int:
+    """A seed per module name: init does not depend on walk order, on other modules, or on the process."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFFFFFFFFFFFFFF
+
+
+def allows_missing(module: nn.Module) -> bool:
+    """Modules whose tensors are new (adapters, LoRA) may be absent from a base checkpoint."""
+    return bool(getattr(module, "init_when_missing", False))
+
+
+def _direct_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor, bool, bool]]:
+    """(name, tensor, is_parameter, persistent) for the tensors a module owns directly."""
+    for name, p in module._parameters.items():
+        if p is not None:
+            yield name, p, True, True
+    for name, b in module._buffers.items():
+        if b is not None:
+            yield name, b, False, name not in module._non_persistent_buffers_set
+
+
+def _expected_full_shape(module: nn.Module, name: str, local: torch.Tensor, world_size: int) -> tuple[int, ...]:
+    shape = list(local.shape)
+    dim = getattr(module, "shard_dims", {}).get(name)
+    if dim is not None:
+        shape[dim] *= world_size
+    return tuple(shape)
+
+
+def _check_finite(key: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"tensor {key!r} holds NaN or Inf after materialization")
+
+
+def materialize_and_load(
+    model: nn.Module,
+    checkpoints: Sequence[str | Path | CheckpointReader] | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    strict: bool = True,
+    allow_missing: Callable[[nn.Module, str], bool] | None = None,
+) -> LoadReport:
+    """Allocate every tensor still on meta, fill it from `checkpoints` (in order, later wins) or by its module's
+    reset_parameters, quantize quantized linears' weights as they arrive, then verify. Tensors that are
+    already real are left alone. Returns a LoadReport.
+
+    strict: a persistent tensor missing from all checkpoints (unless its module allows it: adapters) and a
+    checkpoint key the model lacks are errors. With no checkpoints everything is initialized.
+    """
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    rank, world_size = mp_rank(), mp_world_size()
+    allow_missing = allow_missing or (lambda module, key: allows_missing(module))
+    readers = [c if isinstance(c, CheckpointReader) else open_checkpoint(c) for c in checkpoints or []]
+    owned = [r for r, c in zip(readers, checkpoints or []) if not isinstance(c, CheckpointReader)]
+    report = LoadReport(sources=[str(r.path) for r in readers])
+    memory.reset_peak_rss()
+    memory.reset_peak_device_memory(device)
+    try:
+        source: dict[str, CheckpointReader] = {}  # key -> last checkpoint holding it
+        for reader in readers:
+            for key in reader.keys():
+                source[key] = reader
+
+        # 1. plan and validate before any allocation: missing keys, unexpected keys, shapes
+        plan: list[tuple[str, nn.Module, list[tuple[str, torch.Tensor, bool, bool]]]] = []
+        model_keys: set[str] = set()
+        missing_base: list[str] = []
+        seen: set[int] = set()
+        for mod_name, module in model.named_modules():
+            todo = []
+            for name, t, is_param, persistent in _direct_tensors(module):
+                key = f"{mod_name}.{name}" if mod_name else name
+                model_keys.add(key)
+                if id(t) in seen or not t.is_meta:
+                    continue
+                seen.add(id(t))
+                todo.append((name, t, is_param, persistent))
+                if key in source:
+                    expected = _expected_full_shape(module, name, t, world_size)
+                    got = tuple(source[key].shape(key))
+                    if got != expected:
+                        raise ValueError(
+                            f"shape mismatch for {key!r} in {source[key].file_of(key)}: the model expects "
+                            f"{list(expected)} (model-parallel size {world_size}) but the checkpoint has {list(got)}"
+                        )
+                elif persistent:
+                    if readers and not allow_missing(module, key):
+                        missing_base.append(key)
+                    elif readers:
+                        report.missing_keys.append(key)
+            if todo:
+                plan.append((mod_name, module, todo))
+        if strict and missing_base:
+            raise KeyError(
+                f"{len(missing_base)} key(s) of the model are in none of the checkpoints "
+                f"{[str(r.path) for r in readers]}: {_short(missing_base, 20)}. "
+                "Check that the checkpoint matches the config (n_layers, names), or pass the missing checkpoint."
+            )
+        report.missing_keys.extend(missing_base)
+        for key in source:
+            if key in model_keys:
+                continue
+            if any(fnmatch.fnmatchcase(key, pattern) for pattern in IGNORED_CHECKPOINT_KEYS):
+                report.ignored_keys.append(key)
+            else:
+                report.unexpected_keys.append(key)
+        if strict and report.unexpected_keys:
+            files = sorted({source[k].file_of(k) for k in report.unexpected_keys})
+            raise KeyError(
+                f"{len(report.unexpected_keys)} key(s) in {files} are not in the model: "
+                f"{_short(report.unexpected_keys, 20)}. Wrong config for this checkpoint? "
+                "(strict=False loads anyway and reports them)"
+            )
+
+        # 2. per module: allocate -> fill from checkpoint or init -> quantize -> release the source
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for mod_name, module, todo in plan:
+                _materialize_module(module, mod_name, todo, source, device, seed, rank, world_size, report)
+                memory.malloc_trim()
+
+        # 3. verify: nothing left on meta
+        left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+        if left:
+            raise RuntimeError(f"still on meta after materialization: {_short(left, 20)}")
+    finally:
+        for reader in owned:
+            reader.close()
+    report.model_bytes = memory.tensor_bytes(model)
+    report.peak_rss = memory.peak_rss_bytes()
+    report.peak_device_memory = memory.peak_device_memory(device)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _materialize_module(
+    module: nn.Module,
+    mod_name: str,
+    todo: list[tuple[str, torch.Tensor, bool, bool]],
+    source: dict[str, CheckpointReader],
+    device: torch.device,
+    seed: int,
+    rank: int,
+    world_size: int,
+    report: LoadReport,
+) -> None:
+    def key_of(name: str) -> str:
+        return f"{mod_name}.{name}" if mod_name else name
+
+    def read(name: str) -> torch.Tensor:
+        key = key_of(name)
+        dim = getattr(module, "shard_dims", {}).get(name)
+        return source[key].read(key, shard_dim=dim, rank=rank, world_size=world_size)
+
+    if isinstance(module, QuantLinear) and any(name == "weight" for name, *_ in todo):
+        # The weight is quantized as it arrives: from the checkpoint slice (possibly an mmap view; copied to
+        # the device chunk by chunk) or from the layer's own full-precision init.
+        key = key_of("weight")
+        if key in source:
+            module.quantize_weight_(read("weight"), device=device)
+            source[key].release(key)
+            report.loaded += 1
+        else:
+            torch.manual_seed(module_seed(seed, key))
+            module.quantize_weight_(module.init_weight(device), device=device)
+            report.initialized += 1
+        report.quantized += 1
+        if any(name == "bias" for name, *_ in todo):  # a plain tensor: from the checkpoint, else zero
+            module.bias = nn.Parameter(_empty(module.bias.shape, module.bias.dtype, device), module.bias.requires_grad)
+            with torch.no_grad():
+                if key_of("bias") in source:
+                    module.bias.copy_(read("bias"))
+                    source[key_of("bias")].release(key_of("bias"))
+                    report.loaded += 1
+                else:
+                    module.bias.zero_()
+                    report.initialized += 1
+            _check_finite(key_of("bias"), module.bias)
+        return
+
+    # Allocate every meta tensor of this module, then fill.
+    fresh: dict[str, torch.Tensor] = {}
+    for name, t, is_param, _ in todo:
+        new = _empty(t.shape, t.dtype, device)
+        if is_param:
+            module._parameters[name] = nn.Parameter(new, requires_grad=t.requires_grad)
+        else:
+            module._buffers[name] = new
+        fresh[name] = new
+    need_init = [name for name in fresh if key_of(name) not in source]
+    if need_init:
+        init = getattr(module, "reset_parameters", None)
+        if init is None:
+            raise TypeError(
+                f"{type(module).__name__} ({mod_name or 'root'}) has tensors {need_init} that no checkpoint "
+                "provides and no reset_parameters() to initialize them; give the class a reset_parameters() that "
+                "initializes exactly the tensors it owns"
+            )
+        # reset_parameters initializes all of the module's own tensors: keep the ones that were already real.
+        keep = {
+            name: t.detach().clone() for name, t, *_ in _direct_tensors(module) if name not in fresh and not t.is_meta
+        }
+        torch.manual_seed(module_seed(seed, mod_name))
+        with torch.no_grad():
+            init()
+            for name, value in keep.items():
+                getattr(module, name).copy_(value)
+        report.initialized += len(need_init)
+    with torch.no_grad():
+        for name in fresh:
+            key, t = key_of(name), getattr(module, name)
+            if key in source:
+                t.copy_(read(name))
+                source[key].release(key)
+                report.loaded += 1
+            _check_finite(key, t)

@@ -1,0 +1,295 @@
+"""quantize_model(): swap linear layers for bitsandbytes-backed ones, on meta or on real modules.
+
+The quantized linear is a drop-in replacement for `nn.Linear` and for this project's column/row-parallel
+linears: same input/output semantics, same model-parallel split, the local matmul done by bitsandbytes'
+kernels. On a meta model the swap only records shapes; the weight is quantized when `materialize_and_load`
+hands it the checkpoint slice (or its init), in row chunks, so the full-precision tensor never has to exist
+whole in memory and bitsandbytes' per-call temporaries stay small.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from dataclasses import dataclass
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+import torch
+from bitsandbytes.nn import Int8Params, Params4bit
+from torch import nn
+
+from model.layers.parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    copy_to_mp,
+    gather_from_mp,
+    init_sharded_,
+    linear_weight_fill,
+    mp_rank,
+    mp_world_size,
+    reduce_from_mp,
+    scatter_to_mp,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    name: str
+    bits: int  # 4 or 8
+    quant_type: str | None = None  # "nf4" / "fp4" for 4 bits
+    compress_statistics: bool = True  # double quantization of the 4-bit absmax
+    blocksize: int = 64
+
+
+QUANT_MODES: dict[str, QuantSpec] = {
+    "4bit": QuantSpec("4bit", 4, "nf4", True),
+    "4bit_fp4": QuantSpec("4bit_fp4", 4, "fp4", True),
+    "8bit": QuantSpec("8bit", 8),
+}
+
+# Never quantized by default: the output head (small, sensitive), adapter paths (trained in full precision)
+# and visual backbones (their attention reads `.weight` directly, which a packed weight cannot serve).
+DEFAULT_BLOCK_LIST: tuple[str, ...] = ("output", "*lora*", "*adapter*", "visual", "visual.*", "*.visual", "*.visual.*")
+
+# Elements per quantization chunk: bounds the quantizer's temporaries (12-16 bytes per element) to ~64 MB.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def quant_spec(quant: str | QuantSpec) -> QuantSpec:
+    if isinstance(quant, QuantSpec):
+        return quant
+    if quant not in QUANT_MODES:
+        raise ValueError(f"unknown quant mode {quant!r}; choose one of {sorted(QUANT_MODES)} (or 'none')")
+    return QUANT_MODES[quant]
+
+
+def _row_chunks(rows: int, cols: int, granularity: int = 1):
+    step = max(granularity, (max(1, CHUNK_ELEMENTS // max(1, cols)) // granularity) * granularity)
+    for lo in range(0, rows, step):
+        yield lo, min(rows, lo + step)
+
+
+def quantize_4bit_chunked(
+    weight: torch.Tensor, spec: QuantSpec, *, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, bnbF.QuantState]:
+    """bitsandbytes' quantize_4bit, bit for bit, done in row chunks.
+
+    4-bit blocks run over the flattened tensor, so a chunk that holds a whole number of blocks quantizes
+    independently; the absmax vector is concatenated and double-quantized once at the end, as bitsandbytes does.
+    `weight` may be a read-only view into an mmap'd checkpoint: each chunk is copied to `device` in `dtype`
+    (the model's dtype, as an eagerly built model would have held it) just before it is quantized.
+    """
+    rows, cols = weight.shape
+    n = rows * cols
+    bs = spec.blocksize
+    packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=device)
+    absmax = torch.empty(math.ceil(n / bs), dtype=torch.float32, device=device)
+    rows_per_block_multiple = bs // math.gcd(cols, bs)
+    for lo, hi in _row_chunks(rows, cols, rows_per_block_multiple):
+        chunk = weight[lo:hi].to(device=device, dtype=dtype)
+        out, amax = torch.ops.bitsandbytes.quantize_4bit.default(chunk, bs, spec.quant_type, torch.uint8)
+        start = lo * cols
+        packed[start // 2 : start // 2 + out.shape[0]] = out
+        absmax[start // bs : start // bs + amax.numel()] = amax
+        del chunk, out, amax
+    code = bnbF.get_4bit_type(spec.quant_type, device=device)
+    if spec.compress_statistics:
+        offset = absmax.mean()
+        qabsmax, state2 = bnbF.quantize_blockwise(absmax - offset, blocksize=256)
+        state = bnbF.QuantState(
+            absmax=qabsmax, shape=torch.Size((rows, cols)), dtype=dtype, blocksize=bs, code=code,
+            quant_type=spec.quant_type, offset=offset, state2=state2,
+        )
+    else:
+        state = bnbF.QuantState(
+            absmax=absmax, shape=torch.Size((rows, cols)), dtype=dtype, blocksize=bs, code=code,
+            quant_type=spec.quant_type,
+        )
+    return packed, state
+
+
+def quantize_8bit_chunked(weight: torch.Tensor, *, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' row-wise int8 quantization (as Int8Params does: via fp16), in row chunks."""
+    rows, cols = weight.shape
+    cb = torch.empty(rows, cols, dtype=torch.int8, device=device)
+    scb = torch.empty(rows, dtype=torch.float32, device=device)
+    for lo, hi in _row_chunks(rows, cols):
+        chunk = weight[lo:hi].to(device=device, dtype=torch.float16)
+        cb[lo:hi], scb[lo:hi], _ = bnbF.int8_vectorwise_quant(chunk)
+        del chunk
+    return cb, scb
+
+
+class QuantLinear(nn.Module):
+    """A bitsandbytes 4-bit or 8-bit linear standing in for nn.Linear or a column/row-parallel linear.
+
+    Built on meta, `weight` is a plain meta Parameter with the local full-precision shape and dtype; it becomes
+    a packed `Params4bit` / `Int8Params` in `quantize_weight_`. The quantized weight is frozen; `bias` (if any)
+    stays a regular full-precision parameter.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        spec: QuantSpec,
+        local_shape: tuple[int, int],
+        style: str | None = None,  # None (plain), "column" or "row"
+        gather_output: bool = True,
+        input_is_parallel: bool = True,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features  # full sizes
+        self.spec, self.style = spec, style
+        self.gather_output, self.input_is_parallel = gather_output, input_is_parallel
+        self.shard_dims = {None: {"weight": None, "bias": None}, "column": {"weight": 0, "bias": 0},
+                           "row": {"weight": 1, "bias": None}}[style]  # fmt: skip
+        # The full-precision dtype the weight stands for (dequantization target; checkpoint values cast to it).
+        self.weight_dtype = dtype or torch.get_default_dtype()
+        # Always a meta placeholder: storage arrives packed, so never allocate the full-precision shape here.
+        self.weight = nn.Parameter(
+            torch.empty(local_shape, dtype=self.weight_dtype, device="meta"), requires_grad=False
+        )
+        self.bias = nn.Parameter(torch.zeros(local_shape[0] if style != "row" else out_features)) if bias else None
+        self.state: bnb.MatmulLtState | None = None  # 8-bit matmul state
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, spec: QuantSpec) -> QuantLinear:
+        style = {nn.Linear: None, ColumnParallelLinear: "column", RowParallelLinear: "row"}[type(linear)]
+        q = cls(
+            linear.in_features,
+            linear.out_features,
+            spec=spec,
+            local_shape=tuple(linear.weight.shape),
+            style=style,
+            gather_output=getattr(linear, "gather_output", True),
+            input_is_parallel=getattr(linear, "input_is_parallel", True),
+            bias=False,
+            dtype=linear.weight.dtype,
+        )
+        q.bias = linear.bias  # keep the (meta or real) bias parameter as it is
+        if not linear.weight.is_meta:  # a real model: quantize now
+            q.quantize_weight_(linear.weight.detach(), device=linear.weight.device)
+        return q
+
+    @property
+    def is_quantized(self) -> bool:
+        return isinstance(self.weight, (Params4bit, Int8Params))
+
+    def quantize_weight_(self, weight: torch.Tensor, *, device: torch.device | str) -> None:
+        """Quantize `weight` (this rank's full-precision local slice, any float dtype, may be an mmap view)."""
+        device = torch.device(device)
+        expected = tuple(self.weight.shape)
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"{type(self).__name__}: weight of shape {tuple(weight.shape)}, expected {expected}")
+        if self.spec.bits == 4:
+            packed, state = quantize_4bit_chunked(weight, self.spec, device=device, dtype=self.weight_dtype)
+            self.weight = Params4bit(
+                packed, requires_grad=False, quant_state=state, blocksize=self.spec.blocksize,
+                compress_statistics=self.spec.compress_statistics, quant_type=self.spec.quant_type,
+                bnb_quantized=True,
+            )  # fmt: skip
+        else:
+            cb, scb = quantize_8bit_chunked(weight, device=device)
+            self.weight = Int8Params(cb, requires_grad=False, has_fp16_weights=False)
+            self.state = bnb.MatmulLtState()
+            self.state.CB, self.state.SCB = cb, scb
+            self.state.has_fp16_weights = False
+            self.state.threshold = 0.0
+
+    def init_weight(self, device: torch.device | str) -> torch.Tensor:
+        """The full-precision init this layer would have unquantized (same values for the same RNG state)."""
+        w = torch.empty(tuple(self.weight.shape), dtype=torch.float32, device=device)
+        return init_sharded_(
+            w, linear_weight_fill(self.in_features), shard_dim=self.shard_dims["weight"],
+            rank=mp_rank() if self.style else 0, world_size=mp_world_size() if self.style else 1,
+        )  # fmt: skip
+
+    def reset_parameters(self) -> None:
+        device = self.bias.device if self.bias is not None and not self.bias.is_meta else None
+        if self.is_quantized:
+            device = self.weight.device
+        if device is None:  # still on meta: materialize_and_load calls quantize_weight_ with the real values
+            return
+        self.quantize_weight_(self.init_weight(device), device=device)
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.zero_()
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The full-precision weight the kernels compute with (for tests, merging, and export)."""
+        if self.spec.bits == 4:
+            return bnbF.dequantize_4bit(self.weight.data, self.weight.quant_state)
+        return (self.state.CB.float() * self.state.SCB[:, None] / 127).to(self.weight_dtype)
+
+    def _local(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if not self.is_quantized:
+            raise RuntimeError("QuantLinear has no weight yet: run materialize_and_load(model, ...) first")
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        if self.spec.bits == 4:
+            # Calls the kernel directly rather than through bnb.nn.Linear4bit.forward, whose CPU inference path
+            # repacks the weight in place (AVX512-BF16 CPUs) and breaks a later training forward.
+            return bnb.matmul_4bit(x, self.weight, bias=bias, quant_state=self.weight.quant_state)
+        self.state.is_training = self.training
+        return bnb.matmul(x, self.weight, bias=bias, state=self.state)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.style == "column":
+            y = self._local(copy_to_mp(x), self.bias)
+            return gather_from_mp(y) if self.gather_output else y
+        if self.style == "row":
+            if not self.input_is_parallel:
+                x = scatter_to_mp(x)
+            y = reduce_from_mp(self._local(x, None))
+            return y + self.bias if self.bias is not None else y
+        return self._local(x, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, quant={self.spec.name}, "
+            f"style={self.style}, local_weight={tuple(self.weight.shape) if not self.is_quantized else 'packed'}"
+        )
+
+
+def _blocked(name: str, block_list: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in block_list)
+
+
+def quantize_model(
+    model: nn.Module, quant: str | None, *, block_list: tuple[str, ...] = DEFAULT_BLOCK_LIST
+) -> nn.Module:
+    """Replace linears (nn.Linear, ColumnParallelLinear, RowParallelLinear) by QuantLinear, in place.
+
+    `quant`: "4bit" (nf4 + double quantization), "4bit_fp4", "8bit", or None / "none" (no change). Modules whose
+    qualified name matches a `block_list` pattern (fnmatch) are skipped with everything below them.
+    Works on meta (records shapes only) and on real models (quantizes now).
+    """
+    if quant in (None, "none"):
+        return model
+    spec = quant_spec(quant)
+    quantizable = (nn.Linear, ColumnParallelLinear, RowParallelLinear)  # exact types: subclasses may read .weight
+    converted = 0
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        nonlocal converted
+        for name, child in list(module.named_children()):
+            qual = prefix + name
+            if _blocked(qual, block_list):
+                continue
+            if type(child) in quantizable:
+                setattr(module, name, QuantLinear.from_linear(child, spec))
+                converted += 1
+            else:
+                visit(child, qual + ".")
+
+    visit(model, "")
+    log.info("quantize_model: %d linear layers -> %s (block list %s)", converted, spec.name, list(block_list))
+    return model
