@@ -112,13 +112,18 @@ def quantize_4bit_chunked(
     return packed, state
 
 
-def quantize_8bit_chunked(weight: torch.Tensor, *, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """bitsandbytes' row-wise int8 quantization (as Int8Params does: via fp16), in row chunks."""
+def quantize_8bit_chunked(
+    weight: torch.Tensor, *, device: torch.device, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' row-wise int8 quantization (as Int8Params does: via fp16), in row chunks.
+
+    `dtype`: the model's dtype, which an eagerly built model would have held the weight in before quantizing.
+    """
     rows, cols = weight.shape
     cb = torch.empty(rows, cols, dtype=torch.int8, device=device)
     scb = torch.empty(rows, dtype=torch.float32, device=device)
     for lo, hi in _row_chunks(rows, cols):
-        chunk = weight[lo:hi].to(device=device, dtype=torch.float16)
+        chunk = weight[lo:hi].to(device=device, dtype=dtype or weight.dtype).to(torch.float16)
         cb[lo:hi], scb[lo:hi], _ = bnbF.int8_vectorwise_quant(chunk)
         del chunk
     return cb, scb
@@ -197,7 +202,7 @@ class QuantLinear(nn.Module):
                 bnb_quantized=True,
             )  # fmt: skip
         else:
-            cb, scb = quantize_8bit_chunked(weight, device=device)
+            cb, scb = quantize_8bit_chunked(weight, device=device, dtype=self.weight_dtype)
             self.weight = Int8Params(cb, requires_grad=False, has_fp16_weights=False)
             self.state = bnb.MatmulLtState()
             self.state.CB, self.state.SCB = cb, scb
