@@ -78,9 +78,7 @@ class ModelArgs:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(
-                f"{source}: unknown config key(s) {unknown}; known keys are {sorted(known)}"
-            )
+            raise ValueError(f"{source}: unknown config key(s) {unknown}; known keys are {sorted(known)}")
         merged = base.to_dict() if base is not None else {}
         merged.update(values)
         return cls(**merged)
@@ -116,18 +114,35 @@ class ModelArgs:
 # Presets: LLaMA-2 shapes, TinyLlama-1.1B, and a tiny one for tests and the quickstart.
 PRESETS: dict[str, ModelArgs] = {
     "tiny": ModelArgs(
-        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
-        max_seq_len=128, max_batch_size=4,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=512,
+        multiple_of=32,
+        max_seq_len=128,
+        max_batch_size=4,
     ),
     "1.1B": ModelArgs(
-        dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, ffn_hidden_dim=5632,
+        dim=2048,
+        n_layers=22,
+        n_heads=32,
+        n_kv_heads=4,
+        vocab_size=32000,
+        ffn_hidden_dim=5632,
         max_seq_len=2048,
     ),
     "7B": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, max_seq_len=4096),
     "13B": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256, max_seq_len=4096),
     "70B": ModelArgs(
-        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, multiple_of=4096,
-        ffn_dim_multiplier=1.3, max_seq_len=4096,
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        vocab_size=32000,
+        multiple_of=4096,
+        ffn_dim_multiplier=1.3,
+        max_seq_len=4096,
     ),
 }
 

@@ -38,7 +38,9 @@ def build_model(
         # 0. config: given, or the base checkpoint's; vocab size from the embedding when the config says -1
         if args is None:
             if not readers or readers[0].config is None:
-                raise ValueError("no model config: pass ModelArgs (e.g. --llama_config params.json) or a checkpoint with one")
+                raise ValueError(
+                    "no model config: pass ModelArgs (e.g. --llama_config params.json) or a checkpoint with one"
+                )
             args = ModelArgs.from_dict(readers[0].config, source=str(readers[0].path))
         if args.vocab_size == -1 and readers and "tok_embeddings.weight" in readers[0].keys():
             args = args.with_vocab_size(readers[0].shape("tok_embeddings.weight")[0], source=str(readers[0].path))

@@ -67,7 +67,7 @@ def reference_forward(sd: dict[str, torch.Tensor], args: ModelArgs, tokens: torc
     causal = torch.full((seq, seq), float("-inf"), dtype=torch.float64).triu(1)
     x = p["tok_embeddings.weight"][tokens]
     for i in range(args.n_layers):
-        L = lambda name: p[f"layers.{i}.{name}.weight"]  # noqa: E731
+        L = lambda name, i=i: p[f"layers.{i}.{name}.weight"]
         h = rms(x, L("attention_norm"))
         q = rope((h @ L("attention.wq").T).view(bsz, seq, nh, hd))
         k = rope((h @ L("attention.wk").T).view(bsz, seq, nkv, hd)).repeat_interleave(nh // nkv, dim=2)
@@ -76,7 +76,9 @@ def reference_forward(sd: dict[str, torch.Tensor], args: ModelArgs, tokens: torc
         attn = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(bsz, seq, nh * hd)
         x = x + attn @ L("attention.wo").T
         h = rms(x, L("ffn_norm"))
-        x = x + (torch.nn.functional.silu(h @ L("feed_forward.w1").T) * (h @ L("feed_forward.w3").T)) @ L(
-            "feed_forward.w2"
-        ).T
+        x = (
+            x
+            + (torch.nn.functional.silu(h @ L("feed_forward.w1").T) * (h @ L("feed_forward.w3").T))
+            @ L("feed_forward.w2").T
+        )
     return rms(x, p["norm.weight"]) @ p["output.weight"].T

@@ -101,12 +101,22 @@ def quantize_4bit_chunked(
         offset = absmax.mean()
         qabsmax, state2 = bnbF.quantize_blockwise(absmax - offset, blocksize=256)
         state = bnbF.QuantState(
-            absmax=qabsmax, shape=torch.Size((rows, cols)), dtype=dtype, blocksize=bs, code=code,
-            quant_type=spec.quant_type, offset=offset, state2=state2,
+            absmax=qabsmax,
+            shape=torch.Size((rows, cols)),
+            dtype=dtype,
+            blocksize=bs,
+            code=code,
+            quant_type=spec.quant_type,
+            offset=offset,
+            state2=state2,
         )
     else:
         state = bnbF.QuantState(
-            absmax=absmax, shape=torch.Size((rows, cols)), dtype=dtype, blocksize=bs, code=code,
+            absmax=absmax,
+            shape=torch.Size((rows, cols)),
+            dtype=dtype,
+            blocksize=bs,
+            code=code,
             quant_type=spec.quant_type,
         )
     return packed, state

@@ -140,15 +140,20 @@ class _ParallelLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features  # full sizes
         self.weight = nn.Parameter(torch.empty(local_out, local_in))
-        self.bias = nn.Parameter(torch.empty(local_out if self.shard_dims["bias"] == 0 else out_features)) if bias else None
+        self.bias = (
+            nn.Parameter(torch.empty(local_out if self.shard_dims["bias"] == 0 else out_features)) if bias else None
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         if self.weight.is_meta:  # built under meta_init(): the materializer calls us once storage exists
             return
         init_sharded_(
-            self.weight, linear_weight_fill(self.in_features),
-            shard_dim=self.shard_dims["weight"], rank=mp_rank(), world_size=mp_world_size(),
+            self.weight,
+            linear_weight_fill(self.in_features),
+            shard_dim=self.shard_dims["weight"],
+            rank=mp_rank(),
+            world_size=mp_world_size(),
         )
         if self.bias is not None:
             with torch.no_grad():

@@ -14,7 +14,9 @@ def _full_init(shape, shard_dim, world_size, seed, fill):
         if shard_dim is not None:
             local[shard_dim] //= world_size
         shards.append(
-            init_sharded_(torch.empty(local), fill, shard_dim=shard_dim, rank=rank, world_size=world_size, base_seed=seed)
+            init_sharded_(
+                torch.empty(local), fill, shard_dim=shard_dim, rank=rank, world_size=world_size, base_seed=seed
+            )
         )
     return torch.cat(shards, dim=shard_dim) if shard_dim is not None else shards[0]
 

@@ -222,7 +222,9 @@ def test_extra_keys_are_listed_and_rope_freqs_ignored(ckpt, tmp_path):
 def test_wrong_shape_names_key_file_expected_and_got(ckpt, tmp_path):
     args, sd, _ = ckpt
     write_meta_checkpoint(tmp_path, sd, params=params_of(args))
-    with pytest.raises(ValueError, match=r"'tok_embeddings\.weight' in .*consolidated\.00\.pth.*\[512, 128\].*\[512, 64\]"):
+    with pytest.raises(
+        ValueError, match=r"'tok_embeddings\.weight' in .*consolidated\.00\.pth.*\[512, 128\].*\[512, 64\]"
+    ):
         build_model(args.replace(dim=128, n_heads=8, n_kv_heads=4), [tmp_path], dtype=torch.float32)
 
 
