@@ -152,9 +152,14 @@ def _expected_full_shape(module: nn.Module, name: str, local: torch.Tensor, worl
     return tuple(shape)
 
 
-def _check_finite(key: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"tensor {key!r} holds NaN or Inf after materialization")
+def _check_finite(key: str, t: torch.Tensor, chunk: int = 1 << 22) -> None:
+    # in chunks: a whole-tensor isfinite() would add a bool temporary of the tensor's size to the peak
+    if not t.is_floating_point():
+        return
+    flat = t.detach().reshape(-1)
+    for lo in range(0, flat.numel(), chunk):
+        if not bool(torch.isfinite(flat[lo : lo + chunk]).all()):
+            raise ValueError(f"tensor {key!r} holds NaN or Inf after materialization")
 
 
 def materialize_and_load(
@@ -239,7 +244,10 @@ def materialize_and_load(
                 "(strict=False loads anyway and reports them)"
             )
 
-        # 2. per module: allocate -> fill from checkpoint or init -> quantize -> release the source
+        # 2. per module: allocate -> fill from checkpoint or init -> quantize -> release the source.
+        # Full-precision modules first: while one is copied its checkpoint pages are resident too, and the
+        # largest of them (embedding, output head) would otherwise land on top of the finished model.
+        plan.sort(key=lambda item: isinstance(item[1], QuantLinear))
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for mod_name, module, todo in plan:
                 _materialize_module(module, mod_name, todo, source, device, seed, rank, world_size, report)
