@@ -10,6 +10,7 @@ import torch
 
 from model.args import ModelArgs
 from model.llama import Transformer
+from model.peft import add_bias_tuning, add_lora, mark_trainable
 from util.checkpoint import open_checkpoint
 from util.lazy_init import LoadReport, materialize_and_load, meta_init
 from util.quant import DEFAULT_BLOCK_LIST, quantize_model
@@ -49,18 +50,29 @@ def build_model(
         with meta_init(dtype):
             model = Transformer(args)
 
-        # 2. swap linears for bitsandbytes ones, still on meta
+        # 2. swap linears for bitsandbytes ones, still on meta (before LoRA wraps them)
         quantize_model(model, quant, block_list=block_list)
 
-        # 3. allocate, fill (checkpoint or reset_parameters), quantize, release: one tensor at a time
+        # 3. adapters on the (quantized) base, still on meta; then one predicate decides what trains
+        #    (the LLaMA-Adapter prompts and gates were built with the model from the config)
+        with meta_init(dtype):
+            add_lora(model, args)
+            add_bias_tuning(model, args)
+        trainable = mark_trainable(model, args)
+
+        # 4. allocate, fill (checkpoint or reset_parameters), quantize, release: one tensor at a time
         report = materialize_and_load(model, readers, device=device, seed=seed, strict=strict)
     finally:
         for reader in readers:
             reader.close()
 
-    # 4. invariants: frozen quantized weights (materialize_and_load verified nothing is on meta, no NaN)
+    # 5. invariants (materialize_and_load verified nothing is on meta, no NaN): the trainable set is the
+    #    predicate's, quantized weights are frozen
+    now = [n for n, p in model.named_parameters() if p.requires_grad]
+    if now != trainable:
+        raise RuntimeError(f"trainable set changed during materialization: {sorted(set(now) ^ set(trainable))}")
     for name, p in model.named_parameters():
-        if p.dtype in (torch.uint8, torch.int8) and p.requires_grad:
+        if not p.dtype.is_floating_point and p.requires_grad:
             raise RuntimeError(f"quantized weight {name} is trainable")
     log.info("%s", report.summary())
     return model, report

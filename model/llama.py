@@ -10,13 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.adapter import AdapterGate, AdapterPrompt
 from model.args import ModelArgs
 from model.layers import ColumnParallelLinear, ParallelEmbedding, RMSNorm, RotaryEmbedding, RowParallelLinear
 from model.layers.parallel import divide, mp_world_size
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, *, adapter: bool = False) -> None:
         super().__init__()
         ws = mp_world_size()
         self.head_dim = args.head_dim
@@ -27,6 +28,7 @@ class Attention(nn.Module):
         self.wk = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, gather_output=False)
         self.wv = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, gather_output=False)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, input_is_parallel=True)
+        self.adapter_gate = AdapterGate(args.n_heads) if adapter else None
         # KV cache for incremental decoding: plain attributes, not buffers, so it is never part of a
         # checkpoint, never built on meta, and costs nothing until generation asks for it (setup_cache).
         self.cache_k: torch.Tensor | None = None
@@ -37,7 +39,9 @@ class Attention(nn.Module):
         self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, start_pos: int | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: RotaryEmbedding, start_pos: int | None, prompt: torch.Tensor | None = None
+    ) -> torch.Tensor:
         bsz, seq, _ = x.shape
         q = self.wq(x).view(bsz, seq, self.n_local_heads, self.head_dim)
         k = self.wk(x).view(bsz, seq, self.n_local_kv_heads, self.head_dim)
@@ -62,10 +66,23 @@ class Attention(nn.Module):
         if self.n_rep > 1:  # grouped-query attention: each KV head serves n_rep query heads
             k = k.repeat_interleave(self.n_rep, dim=2)
             v = v.repeat_interleave(self.n_rep, dim=2)
+        q = q.transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=is_causal
+            q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=is_causal
         )
+        if prompt is not None and self.adapter_gate is not None:
+            out = out + self.adapter_gate(self._attend_prompt(q, prompt.to(x.dtype)))
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
+
+    def _attend_prompt(self, q: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """LLaMA-Adapter: every query also attends (separately, unmasked, no rotary) to the layer's prompt."""
+        pb, plen, _ = prompt.shape
+        pk = self.wk(prompt).view(pb, plen, self.n_local_kv_heads, self.head_dim)
+        pv = self.wv(prompt).view(pb, plen, self.n_local_kv_heads, self.head_dim)
+        if self.n_rep > 1:
+            pk, pv = pk.repeat_interleave(self.n_rep, dim=2), pv.repeat_interleave(self.n_rep, dim=2)
+        pk, pv = pk.transpose(1, 2).expand(q.shape[0], -1, -1, -1), pv.transpose(1, 2).expand(q.shape[0], -1, -1, -1)
+        return F.scaled_dot_product_attention(q, pk, pv)
 
 
 class FeedForward(nn.Module):
@@ -85,13 +102,15 @@ class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs) -> None:
         super().__init__()
         self.layer_id = layer_id
-        self.attention = Attention(args)
+        self.attention = Attention(args, adapter=layer_id >= args.n_layers - adapter_depth(args))
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, start_pos: int | None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, start_pos)
+    def forward(
+        self, x: torch.Tensor, rope: RotaryEmbedding, start_pos: int | None, prompt: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, start_pos, prompt)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -109,6 +128,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = ColumnParallelLinear(args.dim, args.vocab_size, gather_output=True)
         self.rope = RotaryEmbedding(args.head_dim, args.max_seq_len, args.rope_theta)
+        depth = adapter_depth(args)
+        self.adapter = AdapterPrompt(depth, args.adapter_len, args.dim) if depth else None
 
     def setup_cache(self, max_batch_size: int | None = None, max_seq_len: int | None = None) -> None:
         """Allocate the KV caches on the model's device, in its activation dtype (after materialization)."""
@@ -123,13 +144,30 @@ class Transformer(nn.Module):
                 dtype=ref.dtype,
             )
 
-    def forward(self, tokens: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, start_pos: int | None = None, prefix: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """tokens [batch, seq] -> fp32 logits [batch, seq, vocab].
 
         start_pos=None: training forward (causal, no cache). start_pos=int: decoding step that reads and
-        extends the KV cache from that position.
+        extends the KV cache from that position. prefix: [batch, adapter_len, dim] added to the LLaMA-Adapter
+        prompts (the multimodal variant's visual tokens); needs an adapter config.
         """
+        if prefix is not None and self.adapter is None:
+            raise ValueError("a prefix needs a LLaMA-Adapter config (adapter_len > 0 and adapter_layers > 0)")
         h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, self.rope, start_pos)
+        prompts = self.adapter.prompts(prefix) if self.adapter is not None else None
+        first_adapted = len(self.layers) - (prompts.shape[0] if prompts is not None else 0)
+        for i, layer in enumerate(self.layers):
+            prompt = prompts[i - first_adapted] if prompts is not None and i >= first_adapted else None
+            h = layer(h, self.rope, start_pos, prompt)
         return self.output(self.norm(h)).float()
+
+
+def adapter_depth(args: ModelArgs) -> int:
+    """How many top layers carry LLaMA-Adapter prompts (0: no adapter)."""
+    if args.adapter_len <= 0 or args.adapter_layers <= 0:
+        return 0
+    if args.adapter_layers > args.n_layers:
+        raise ValueError(f"adapter_layers={args.adapter_layers} exceeds n_layers={args.n_layers}")
+    return args.adapter_layers

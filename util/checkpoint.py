@@ -59,6 +59,7 @@ __all__ = [
     "hf_config_to_params",
     "model_state",
     "save_model",
+    "export_meta",
 ]
 
 FORMAT_VERSION = 1
@@ -1469,3 +1470,41 @@ def save_model(
         out_dir, tensors, shard_dims=dims, rank=rank, world_size=world_size, config=config,
         trainable_only=trainable_only, extra=extra,
     )  # fmt: skip
+
+
+# Keys of Meta's layout (what `export_meta` can write and other LLaMA code can read).
+_META_KEY = re.compile(
+    r"^(tok_embeddings\.weight|norm\.weight|output\.weight|layers\.\d+\.(attention\.(wq|wk|wv|wo)"
+    r"|feed_forward\.(w1|w2|w3)|attention_norm|ffn_norm)\.weight)$"
+)
+
+
+def export_meta(model: torch.nn.Module, out_dir: str | Path, *, params: dict[str, Any]) -> Path | None:
+    """Write a full-precision model in Meta's format (consolidated.NN.pth per model-parallel rank + params.json),
+    e.g. after merge_lora, to serve it with any LLaMA code. Only data-parallel rank 0 writes.
+
+    Refuses quantized weights and tensors Meta's layout has no place for (adapters, tuning biases): merge or
+    drop them first.
+    """
+    from fairscale.nn.model_parallel import initialize as fs_mp
+
+    rank = 0
+    if fs_mp.model_parallel_is_initialized():
+        if fs_mp.get_data_parallel_rank() != 0:
+            return None
+        rank = fs_mp.get_model_parallel_rank()
+    tensors, _ = model_state(model)
+    extra = sorted(k for k in tensors if not _META_KEY.match(k))
+    if extra:
+        raise CheckpointError(
+            f"export_meta({out_dir}): Meta's format has no place for {extra[:6]}{' ...' if len(extra) > 6 else ''}; "
+            "merge LoRA first (model.peft.merge_lora) and export models without adapters or tuning biases"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"consolidated.{rank:02d}.pth"
+    with _atomic_write(target) as f:
+        torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, f)
+    if rank == 0:
+        _write_json(out / "params.json", params)
+    return target
