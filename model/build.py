@@ -36,13 +36,16 @@ def build_model(
     """
     readers = [open_checkpoint(p) for p in checkpoints or []]
     try:
-        # 0. config: given, or the base checkpoint's; vocab size from the embedding when the config says -1
+        # 0. config: given, or the checkpoints' (later wins: a LoRA delta's config adds its LoRA fields to the
+        #    base's); vocab size from the embedding when the config says -1
         if args is None:
-            if not readers or readers[0].config is None:
+            configs = [(r.config, str(r.path)) for r in readers if r.config]
+            if not configs:
                 raise ValueError(
                     "no model config: pass ModelArgs (e.g. --llama_config params.json) or a checkpoint with one"
                 )
-            args = ModelArgs.from_dict(readers[0].config, source=str(readers[0].path))
+            for config, source in configs:
+                args = ModelArgs.from_dict(config, source=source, base=args)
         if args.vocab_size == -1 and readers and "tok_embeddings.weight" in readers[0].keys():
             args = args.with_vocab_size(readers[0].shape("tok_embeddings.weight")[0], source=str(readers[0].path))
 
