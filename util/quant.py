@@ -32,6 +32,7 @@ from model.layers.parallel import (
     reduce_from_mp,
     scatter_to_mp,
 )
+from util.fast_quant import agrees_with_bitsandbytes, int8_rowwise, quantize_4bit_blocks
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,9 @@ QUANT_MODES: dict[str, QuantSpec] = {
 # and visual backbones (their attention reads `.weight` directly, which a packed weight cannot serve).
 DEFAULT_BLOCK_LIST: tuple[str, ...] = ("output", "*lora*", "*adapter*", "visual", "visual.*", "*.visual", "*.visual.*")
 
-# Elements per quantization chunk: bounds the quantizer's temporaries (12-16 bytes per element) to ~64 MB.
+# Elements per quantization chunk. On CPU a chunk is only a unit of work for util.fast_quant, which reads the source
+# in place and casts it step by step (~4 MB of scratch per worker thread). Elsewhere each chunk is copied to the
+# device in the model's dtype and bitsandbytes' op allocates 12-16 bytes per element of it (~64 MB).
 CHUNK_ELEMENTS = 1 << 22
 
 
@@ -73,6 +76,19 @@ def _row_chunks(rows: int, cols: int, granularity: int = 1):
         yield lo, min(rows, lo + step)
 
 
+def _fast_quant_on(device: torch.device, kind: str) -> bool:
+    # util.fast_quant reproduces bitsandbytes' CPU quantizers (its generic torch kernels) bit for bit, ~10-20x
+    # faster. On other devices bitsandbytes runs its own native kernels (fast there), whose rounding is not the
+    # same: keep bitsandbytes' op, so a model built there is bitwise the one bitsandbytes would build. Likewise
+    # if the installed bitsandbytes' CPU quantizer no longer agrees with util.fast_quant (a probe, once).
+    if device.type != "cpu":
+        return False
+    if not agrees_with_bitsandbytes(kind):
+        log.warning("util.fast_quant does not reproduce this bitsandbytes' %s quantizer: using bitsandbytes'", kind)
+        return False
+    return True
+
+
 def quantize_4bit_chunked(
     weight: torch.Tensor, spec: QuantSpec, *, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, bnbF.QuantState]:
@@ -80,8 +96,10 @@ def quantize_4bit_chunked(
 
     4-bit blocks run over the flattened tensor, so a chunk that holds a whole number of blocks quantizes
     independently; the absmax vector is concatenated and double-quantized once at the end, as bitsandbytes does.
-    `weight` may be a read-only view into an mmap'd checkpoint: each chunk is copied to `device` in `dtype`
-    (the model's dtype, as an eagerly built model would have held it) just before it is quantized.
+    `weight` may be a read-only view into an mmap'd checkpoint. Its values are quantized as rounded to `dtype` (the
+    model's dtype, as an eagerly built model would have held them): on CPU by util.fast_quant, which reads the chunk
+    in place and rounds step by step (same bits as bitsandbytes' op, much faster); elsewhere each chunk is copied to
+    `device` in `dtype` just before bitsandbytes quantizes it.
     """
     rows, cols = weight.shape
     n = rows * cols
@@ -89,13 +107,21 @@ def quantize_4bit_chunked(
     packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=device)
     absmax = torch.empty(math.ceil(n / bs), dtype=torch.float32, device=device)
     rows_per_block_multiple = bs // math.gcd(cols, bs)
+    fast = _fast_quant_on(torch.device(device), spec.quant_type)
     for lo, hi in _row_chunks(rows, cols, rows_per_block_multiple):
-        chunk = weight[lo:hi].to(device=device, dtype=dtype)
-        out, amax = torch.ops.bitsandbytes.quantize_4bit.default(chunk, bs, spec.quant_type, torch.uint8)
-        start = lo * cols
-        packed[start // 2 : start // 2 + out.shape[0]] = out
-        absmax[start // bs : start // bs + amax.numel()] = amax
-        del chunk, out, amax
+        start, m = lo * cols, (hi - lo) * cols
+        p_out = packed[start // 2 : start // 2 + (m + 1) // 2]  # chunks start on block (so even) boundaries
+        a_out = absmax[start // bs : start // bs + math.ceil(m / bs)]
+        if fast:  # casts to `dtype` step by step, in its workers: no converted copy of the chunk
+            chunk = weight[lo:hi].to(device=device)
+            quantize_4bit_blocks(chunk, bs, spec.quant_type, via=(dtype,), out=p_out, absmax_out=a_out)
+        else:
+            chunk = weight[lo:hi].to(device=device, dtype=dtype)
+            out, amax = torch.ops.bitsandbytes.quantize_4bit.default(chunk, bs, spec.quant_type, torch.uint8)
+            p_out.copy_(out)
+            a_out.copy_(amax)
+            del out, amax
+        del chunk
     code = bnbF.get_4bit_type(spec.quant_type, device=device)
     if spec.compress_statistics:
         offset = absmax.mean()
@@ -128,13 +154,19 @@ def quantize_8bit_chunked(
     """bitsandbytes' row-wise int8 quantization (as Int8Params does: via fp16), in row chunks.
 
     `dtype`: the model's dtype, which an eagerly built model would have held the weight in before quantizing.
+    On CPU the chunks go through util.fast_quant (same bits as bitsandbytes' op, much faster, no chunk copies).
     """
     rows, cols = weight.shape
     cb = torch.empty(rows, cols, dtype=torch.int8, device=device)
     scb = torch.empty(rows, dtype=torch.float32, device=device)
+    fast = _fast_quant_on(torch.device(device), "int8")
     for lo, hi in _row_chunks(rows, cols):
-        chunk = weight[lo:hi].to(device=device, dtype=dtype or weight.dtype).to(torch.float16)
-        cb[lo:hi], scb[lo:hi], _ = bnbF.int8_vectorwise_quant(chunk)
+        if fast:
+            chunk = weight[lo:hi].to(device=device)
+            int8_rowwise(chunk, via=(dtype or weight.dtype, torch.float16), out=(cb[lo:hi], scb[lo:hi]))
+        else:
+            chunk = weight[lo:hi].to(device=device, dtype=dtype or weight.dtype).to(torch.float16)
+            cb[lo:hi], scb[lo:hi], _ = bnbF.int8_vectorwise_quant(chunk)
         del chunk
     return cb, scb
 
