@@ -332,6 +332,11 @@ def quantize_model(
             if _blocked(qual, block_list):
                 continue
             if type(child) in quantizable:
+                if "lora" in child._modules:
+                    raise ValueError(
+                        f"{qual} already has LoRA: quantize the base before adding LoRA (build_model does it in "
+                        "that order), or build again with quant set"
+                    )
                 setattr(module, name, QuantLinear.from_linear(child, spec))
                 converted += 1
             else:
