@@ -327,8 +327,16 @@ def child_lazy(ckpt: Path, quant: str, trace: bool) -> dict:
 
         lazy_init._materialize_module = traced
 
+    args = None
+    visual = os.environ.get("LAZYLLAMA_BENCH_VISUAL")
+    if visual:  # multimodal: the LLM from the checkpoint plus a visual backbone (random weights, built real)
+        from model.args import ModelArgs
+        from util.checkpoint import open_checkpoint
+
+        with open_checkpoint(ckpt) as reader:
+            args = ModelArgs.from_dict(reader.config, source=str(ckpt)).replace(visual_backbone=visual)
     clock = Clock()
-    model, report = build_model(None, [ckpt], quant=quant, dtype=torch.bfloat16)
+    model, report = build_model(args, [ckpt], quant=quant, dtype=torch.bfloat16)
     timing = clock.stop()
     peak = hwm() if not trace else max(state["peak"], hwm())
     out = {
@@ -474,6 +482,8 @@ def spawn(child: str, opts: argparse.Namespace, ckpt: Path, log_dir: Path, tag: 
     if opts.trace and child == "lazy":
         cmd.append("--trace")
     env = dict(os.environ)
+    if opts.visual:  # the multimodal build: the lazy child adds this backbone (random weights, built real)
+        env["LAZYLLAMA_BENCH_VISUAL"] = opts.visual
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -697,6 +707,7 @@ def main() -> int:
                     help="kill a child past this RSS (default: MemAvailable at start - 1.5 GiB)")  # fmt: skip
     ap.add_argument("--timeout", type=float, default=None, help="kill a child after this many seconds")
     ap.add_argument("--trace", action="store_true", help="lazy: record RSS and peak after every module")
+    ap.add_argument("--visual", default=None, help="multimodal lazy build: add this backbone, e.g. open_clip:ViT-L-14")
     ap.add_argument("--no-warm", action="store_true", help="do not read the checkpoint into the page cache first")
     ap.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic checkpoint")

@@ -36,6 +36,14 @@ class ModelArgs:
     bias_tuning: bool = False
     norm_tuning: bool = False
 
+    # --- multimodal (a visual backbone beside the LLM; None: text only) ---
+    visual_backbone: str | None = None  # "open_clip:ViT-L-14" or "timm:vit_base_patch16_224"
+    visual_kwargs: dict = dataclasses.field(default_factory=dict)  # backbone config overrides (tiny test models)
+    visual_weights: str | None = None  # local file with the backbone's weights (scripts/convert_visual_weights.py)
+    visual_mode: str = "tokens"  # "tokens": image tokens in the LLM input; "prefix": LLaMA-Adapter visual prefix
+    visual_proj: str = "mlp"  # projection to the LLM width: "linear" or "mlp"
+    visual_trainable: bool = False  # the backbone is frozen unless this is set
+
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads

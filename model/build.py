@@ -11,7 +11,7 @@ import torch
 from model.args import ModelArgs
 from model.llama import Transformer
 from model.peft import add_bias_tuning, add_lora, mark_trainable
-from util.checkpoint import open_checkpoint
+from util.checkpoint import CheckpointError, open_checkpoint
 from util.lazy_init import LoadReport, materialize_and_load, meta_init
 from util.quant import DEFAULT_BLOCK_LIST, quantize_model
 
@@ -49,9 +49,12 @@ def build_model(
         if args.vocab_size == -1 and readers and "tok_embeddings.weight" in readers[0].keys():
             args = args.with_vocab_size(readers[0].shape("tok_embeddings.weight")[0], source=str(readers[0].path))
 
-        # 1. build on meta: no storage, no init work
+        # 1. build on meta: no storage, no init work (a visual backbone is built for real inside, and gets
+        #    its own weights from its file now)
         with meta_init(dtype):
             model = Transformer(args)
+        if model.visual is not None:
+            load_visual_weights(model.visual.backbone, args.visual_weights)
 
         # 2. swap linears for bitsandbytes ones, still on meta (before LoRA wraps them)
         quantize_model(model, quant, block_list=block_list)
@@ -79,3 +82,26 @@ def build_model(
             raise RuntimeError(f"quantized weight {name} is trainable")
     log.info("%s", report.summary())
     return model, report
+
+
+def load_visual_weights(backbone: torch.nn.Module, path: str | Path | None) -> None:
+    """Fill a (real, randomly initialized) visual backbone from its weights file, written by
+    scripts/convert_visual_weights.py; every key must match. No file: the backbone keeps its random init."""
+    if path is None:
+        log.warning("no visual_weights given: the visual backbone keeps its random initialization")
+        return
+    expected = backbone.state_dict()
+    with open_checkpoint(path) as reader:
+        missing, unexpected = sorted(set(expected) - reader.keys()), sorted(reader.keys() - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{path}: does not fit the visual backbone: missing {missing[:5]}, unexpected {unexpected[:5]}; "
+                "write it with scripts/convert_visual_weights.py for the same visual_backbone/visual_kwargs"
+            )
+        with torch.no_grad():
+            for key, t in expected.items():
+                value = reader.read(key)
+                if tuple(value.shape) != tuple(t.shape):
+                    raise CheckpointError(f"{path}: {key} has shape {list(value.shape)}, the backbone {list(t.shape)}")
+                t.copy_(value)
+                reader.release(key)

@@ -14,6 +14,7 @@ from model.adapter import AdapterGate, AdapterPrompt
 from model.args import ModelArgs
 from model.layers import ColumnParallelLinear, ParallelEmbedding, RMSNorm, RotaryEmbedding, RowParallelLinear
 from model.layers.parallel import divide, mp_world_size
+from model.visual import VisualEncoder
 
 
 class Attention(nn.Module):
@@ -130,6 +131,7 @@ class Transformer(nn.Module):
         self.rope = RotaryEmbedding(args.head_dim, args.max_seq_len, args.rope_theta)
         depth = adapter_depth(args)
         self.adapter = AdapterPrompt(depth, args.adapter_len, args.dim) if depth else None
+        self.visual = VisualEncoder(args) if args.visual_backbone else None
 
     def setup_cache(self, max_batch_size: int | None = None, max_seq_len: int | None = None) -> None:
         """Allocate the KV caches on the model's device, in its activation dtype (after materialization)."""
@@ -144,24 +146,47 @@ class Transformer(nn.Module):
                 dtype=ref.dtype,
             )
 
+    def image_positions(self) -> int:
+        """Positions an image occupies before the text (visual 'tokens' mode); 0 otherwise. Decoding steps
+        after a prompt with an image continue at start_pos = image_positions() + text length."""
+        return self.visual.image_tokens() if self.visual is not None else 0
+
     def forward(
-        self, tokens: torch.Tensor, start_pos: int | None = None, prefix: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        start_pos: int | None = None,
+        prefix: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens [batch, seq] -> fp32 logits [batch, seq, vocab].
+        """tokens [batch, seq] -> fp32 logits [batch, seq, vocab] (for the text positions).
 
         start_pos=None: training forward (causal, no cache). start_pos=int: decoding step that reads and
         extends the KV cache from that position. prefix: [batch, adapter_len, dim] added to the LLaMA-Adapter
-        prompts (the multimodal variant's visual tokens); needs an adapter config.
+        prompts (the multimodal variant's visual tokens); needs an adapter config. images: [batch, 3, H, W]
+        preprocessed for the visual backbone (model.visual.load_image): image tokens before the text
+        ("tokens" mode; only with start_pos None or 0) or the adapter prefix ("prefix" mode).
         """
+        h = self.tok_embeddings(tokens)
+        n_image = 0
+        if images is not None:
+            if self.visual is None:
+                raise ValueError("images given to a text-only model: set visual_backbone in the config")
+            visual = self.visual(images, dtype=h.dtype)
+            if self.visual.mode == "prefix":
+                prefix = visual if prefix is None else prefix + visual
+            else:
+                if start_pos not in (None, 0):
+                    raise ValueError("images go with the prompt (start_pos 0), not with later decoding steps")
+                n_image = visual.shape[1]
+                h = torch.cat([visual.to(h.dtype), h], dim=1)
         if prefix is not None and self.adapter is None:
             raise ValueError("a prefix needs a LLaMA-Adapter config (adapter_len > 0 and adapter_layers > 0)")
-        h = self.tok_embeddings(tokens)
         prompts = self.adapter.prompts(prefix) if self.adapter is not None else None
         first_adapted = len(self.layers) - (prompts.shape[0] if prompts is not None else 0)
         for i, layer in enumerate(self.layers):
             prompt = prompts[i - first_adapted] if prompts is not None and i >= first_adapted else None
             h = layer(h, self.rope, start_pos, prompt)
-        return self.output(self.norm(h)).float()
+        return self.output(self.norm(h[:, n_image:])).float()
 
 
 def adapter_depth(args: ModelArgs) -> int:

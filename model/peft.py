@@ -202,6 +202,8 @@ def is_trainable(name: str, args: ModelArgs) -> bool:
     """
     leaf = name.rsplit(".", 1)[-1]
     peft = args.lora_rank > 0 or args.adapter_len > 0 or args.bias_tuning or args.norm_tuning
+    if name.startswith("visual."):  # the backbone is frozen unless asked; projection and markers train
+        return args.visual_trainable or not name.startswith("visual.backbone.")
     if ".lora." in f".{name}" or ".bias_tune." in f".{name}" or "adapter" in name:
         return True
     if args.norm_tuning and leaf == "weight" and name.rsplit(".", 2)[-2].endswith("norm"):
