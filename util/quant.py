@@ -56,6 +56,9 @@ QUANT_MODES: dict[str, QuantSpec] = {
 # and visual backbones (their attention reads `.weight` directly, which a packed weight cannot serve).
 DEFAULT_BLOCK_LIST: tuple[str, ...] = ("output", "*lora*", "*adapter*", "visual", "visual.*", "*.visual", "*.visual.*")
 
+# The nested (double) quantization of the 4-bit absmax: bitsandbytes' blockwise 8-bit, this block size.
+NESTED_BLOCKSIZE = 256
+
 # Elements per quantization chunk. On CPU a chunk is only a unit of work for util.fast_quant, which reads the source
 # in place and casts it step by step (~4 MB of scratch per worker thread). Elsewhere each chunk is copied to the
 # device in the model's dtype and bitsandbytes' op allocates 12-16 bytes per element of it (~64 MB).
@@ -123,28 +126,15 @@ def quantize_4bit_chunked(
             del out, amax
         del chunk
     code = bnbF.get_4bit_type(spec.quant_type, device=device)
-    if spec.compress_statistics:
+    nested = {}
+    if spec.compress_statistics:  # double quantization of the absmax, as bitsandbytes does it
         offset = absmax.mean()
-        qabsmax, state2 = bnbF.quantize_blockwise(absmax - offset, blocksize=256)
-        state = bnbF.QuantState(
-            absmax=qabsmax,
-            shape=torch.Size((rows, cols)),
-            dtype=dtype,
-            blocksize=bs,
-            code=code,
-            quant_type=spec.quant_type,
-            offset=offset,
-            state2=state2,
-        )
-    else:
-        state = bnbF.QuantState(
-            absmax=absmax,
-            shape=torch.Size((rows, cols)),
-            dtype=dtype,
-            blocksize=bs,
-            code=code,
-            quant_type=spec.quant_type,
-        )
+        absmax, state2 = bnbF.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+        nested = {"offset": offset, "state2": state2}
+    state = bnbF.QuantState(
+        absmax=absmax, shape=torch.Size((rows, cols)), dtype=dtype, blocksize=bs, code=code,
+        quant_type=spec.quant_type, **nested,
+    )  # fmt: skip
     return packed, state
 
 
@@ -233,27 +223,140 @@ class QuantLinear(nn.Module):
     def quantize_weight_(self, weight: torch.Tensor, *, device: torch.device | str) -> None:
         """Quantize `weight` (this rank's full-precision local slice, any float dtype, may be an mmap view)."""
         device = torch.device(device)
-        expected = tuple(self.weight.shape)
+        expected = self.local_shape
         if tuple(weight.shape) != expected:
             raise ValueError(f"{type(self).__name__}: weight of shape {tuple(weight.shape)}, expected {expected}")
         if self.spec.bits == 4:
-            packed, state = quantize_4bit_chunked(weight, self.spec, device=device, dtype=self.weight_dtype)
-            self.weight = Params4bit(
-                packed, requires_grad=False, quant_state=state, blocksize=self.spec.blocksize,
-                compress_statistics=self.spec.compress_statistics, quant_type=self.spec.quant_type,
-                bnb_quantized=True,
-            )  # fmt: skip
+            self._install_4bit(*quantize_4bit_chunked(weight, self.spec, device=device, dtype=self.weight_dtype))
         else:
-            cb, scb = quantize_8bit_chunked(weight, device=device, dtype=self.weight_dtype)
-            self.weight = Int8Params(cb, requires_grad=False, has_fp16_weights=False)
-            self.state = bnb.MatmulLtState()
-            self.state.CB, self.state.SCB = cb, scb
-            self.state.has_fp16_weights = False
-            self.state.threshold = 0.0
+            self._install_8bit(*quantize_8bit_chunked(weight, device=device, dtype=self.weight_dtype))
+
+    def _install_4bit(self, packed: torch.Tensor, state: bnbF.QuantState) -> None:
+        self.weight = Params4bit(
+            packed, requires_grad=False, quant_state=state, blocksize=self.spec.blocksize,
+            compress_statistics=self.spec.compress_statistics, quant_type=self.spec.quant_type,
+            bnb_quantized=True,
+        )  # fmt: skip
+
+    def _install_8bit(self, cb: torch.Tensor, scb: torch.Tensor) -> None:
+        self.weight = Int8Params(cb, requires_grad=False, has_fp16_weights=False)
+        self.state = bnb.MatmulLtState()
+        self.state.CB, self.state.SCB = cb, scb
+        self.state.has_fp16_weights = False
+        self.state.threshold = 0.0
+
+    # --- pre-quantized weights: the packed data and quantization state as plain tensors (util.checkpoint's
+    #     save_quantized writes them, materialize_and_load hands them back), so a model is quantized only once.
+
+    def quant_settings(self) -> dict:
+        """The settings packed data depends on (JSON-able); a pre-quantized weight loads only where they match."""
+        s = self.spec
+        if s.bits == 8:
+            return {"mode": s.name, "bits": 8}
+        out = {"mode": s.name, "bits": 4, "quant_type": s.quant_type, "blocksize": s.blocksize,
+               "compress_statistics": s.compress_statistics}  # fmt: skip
+        if s.compress_statistics:
+            out["nested_blocksize"] = NESTED_BLOCKSIZE
+        return out
+
+    def packed_layout(self) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+        """Name -> (shape, dtype) of each tensor of this layer's quantized weight (local to this rank); dtype None:
+        any floating dtype (bitsandbytes builds its code tables in the default dtype of the moment).
+
+        4-bit: `packed` (two 4-bit codes per byte, over the flattened weight), `absmax` (one per block: fp32, or
+        uint8 when double-quantized), `quant_map` (the 16 code values), and with double quantization
+        `nested_absmax`, `nested_quant_map` (bitsandbytes' 8-bit dynamic map) and `nested_offset` (the mean
+        subtracted from absmax before its quantization; stored with shape [1]). 8-bit: `CB` (int8, the weight's
+        shape) and `SCB` (fp32 row scales).
+        """
+        rows, cols = self.local_shape
+        f32 = torch.float32
+        if self.spec.bits == 8:
+            return {"CB": ((rows, cols), torch.int8), "SCB": ((rows,), f32)}
+        n, bs = rows * cols, self.spec.blocksize
+        blocks = math.ceil(n / bs)
+        out = {"packed": (((n + 1) // 2, 1), torch.uint8)}
+        if self.spec.compress_statistics:
+            out["absmax"] = ((blocks,), torch.uint8)
+        else:
+            out["absmax"] = ((blocks,), f32)
+        out["quant_map"] = ((16,), None)
+        if self.spec.compress_statistics:
+            out["nested_absmax"] = ((math.ceil(blocks / NESTED_BLOCKSIZE),), f32)
+            out["nested_quant_map"] = ((256,), None)
+            out["nested_offset"] = ((1,), f32)
+        return out
+
+    @property
+    def local_shape(self) -> tuple[int, int]:
+        """This rank's full-precision weight shape (also once the weight is packed)."""
+        if isinstance(self.weight, Params4bit):
+            return tuple(self.weight.quant_state.shape)
+        return tuple(self.weight.shape)
+
+    def packed_tensors(self) -> dict[str, torch.Tensor]:
+        """The quantized weight as the plain tensors `packed_layout` names (views of this layer's own state)."""
+        if not self.is_quantized:
+            raise RuntimeError(
+                f"{type(self).__name__} has no quantized weight yet (still on meta): run materialize_and_load first"
+            )
+        if self.spec.bits == 8:
+            return {"CB": self.state.CB, "SCB": self.state.SCB}
+        qs = self.weight.quant_state
+        if getattr(qs, "packing_format_for_cpu", False):
+            raise RuntimeError(
+                "this 4-bit weight was repacked in place for bitsandbytes' CPU inference kernel (a bnb.nn.Linear4bit "
+                "eval forward); its layout is not the portable one. Save before running it through Linear4bit."
+            )
+        out = {"packed": self.weight.data, "absmax": qs.absmax, "quant_map": qs.code}
+        if qs.nested:
+            out.update(nested_absmax=qs.state2.absmax, nested_quant_map=qs.state2.code,
+                       nested_offset=qs.offset.reshape(1))  # fmt: skip
+        return out
+
+    def load_packed_(self, tensors: dict[str, torch.Tensor], *, device: torch.device | str, source: str = "") -> None:
+        """Adopt a weight quantized earlier (what `packed_tensors` gave, e.g. mmap views of a saved checkpoint): no
+        quantization. Each tensor is copied into fresh storage on `device`; the sources are not kept."""
+        device = torch.device(device)
+        where = f"{source}: " if source else ""
+        layout = self.packed_layout()
+        if set(tensors) != set(layout):
+            raise ValueError(
+                f"{where}pre-quantized weight has tensors {sorted(tensors)}, expected {sorted(layout)} for "
+                f"{self.spec.name} (quant settings {self.quant_settings()})"
+            )
+        for name, (shape, dtype) in layout.items():
+            t = tensors[name]
+            if tuple(t.shape) != shape or (t.dtype != dtype if dtype else not t.dtype.is_floating_point):
+                raise ValueError(
+                    f"{where}pre-quantized {name!r} is {t.dtype} {list(t.shape)}, expected {dtype or 'float'} "
+                    f"{list(shape)} "
+                    f"for a {self.spec.name} weight of local shape {list(self.local_shape)}; the checkpoint was "
+                    "quantized for another config or model-parallel size"
+                )
+
+        def adopt(name: str) -> torch.Tensor:
+            shape, dtype = layout[name]
+            return torch.empty(shape, dtype=dtype or tensors[name].dtype, device=device).copy_(tensors[name])
+
+        local = torch.Size(self.local_shape)
+        if self.spec.bits == 8:
+            self._install_8bit(adopt("CB"), adopt("SCB"))
+            return
+        offset = state2 = None
+        if self.spec.compress_statistics:  # as bitsandbytes.functional.quantize_blockwise builds it
+            offset = adopt("nested_offset").reshape(())
+            state2 = bnbF.QuantState(absmax=adopt("nested_absmax"), code=adopt("nested_quant_map"),
+                                     blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)  # fmt: skip
+        state = bnbF.QuantState(
+            absmax=adopt("absmax"), shape=local, dtype=self.weight_dtype, blocksize=self.spec.blocksize,
+            code=adopt("quant_map"), quant_type=self.spec.quant_type, offset=offset, state2=state2,
+        )  # fmt: skip
+        self._install_4bit(adopt("packed"), state)
 
     def init_weight(self, device: torch.device | str) -> torch.Tensor:
         """The full-precision init this layer would have unquantized (same values for the same RNG state)."""
-        w = torch.empty(tuple(self.weight.shape), dtype=torch.float32, device=device)
+        w = torch.empty(self.local_shape, dtype=torch.float32, device=device)
         return init_sharded_(
             w, linear_weight_fill(self.in_features), shard_dim=self.shard_dims["weight"],
             rank=mp_rank() if self.style else 0, world_size=mp_world_size() if self.style else 1,
