@@ -250,7 +250,10 @@ class QuantLinear(nn.Module):
 
     def quant_settings(self) -> dict:
         """The settings packed data depends on (JSON-able); a pre-quantized weight loads only where they match."""
-        s = self.spec
+        return self.settings_of(self.spec)
+
+    @staticmethod
+    def settings_of(s: QuantSpec) -> dict:
         if s.bits == 8:
             return {"mode": s.name, "bits": 8}
         out = {"mode": s.name, "bits": 4, "quant_type": s.quant_type, "blocksize": s.blocksize,
@@ -317,7 +320,34 @@ class QuantLinear(nn.Module):
     def load_packed_(self, tensors: dict[str, torch.Tensor], *, device: torch.device | str, source: str = "") -> None:
         """Adopt a weight quantized earlier (what `packed_tensors` gave, e.g. mmap views of a saved checkpoint): no
         quantization. Each tensor is copied into fresh storage on `device`; the sources are not kept."""
+        self._check_packed(tensors, source)
         device = torch.device(device)
+        own = {n: torch.empty(t.shape, dtype=t.dtype, device=device).copy_(t) for n, t in tensors.items()}
+        self.adopt_packed_(own, source=source)
+
+    def adopt_packed_(self, tensors: dict[str, torch.Tensor], *, source: str = "") -> None:
+        """Install `tensors` (named as `packed_layout` says, all on one device) as this layer's quantized weight,
+        taking them over as they are (no copy: they become the weight's storage)."""
+        self._check_packed(tensors, source)
+        devices = {t.device for t in tensors.values()}
+        if len(devices) != 1:
+            raise ValueError(f"{source}: the packed tensors are on several devices {sorted(map(str, devices))}")
+        if self.spec.bits == 8:
+            self._install_8bit(tensors["CB"], tensors["SCB"])
+            return
+        offset = state2 = None
+        if self.spec.compress_statistics:  # as bitsandbytes.functional.quantize_blockwise builds it
+            offset = tensors["nested_offset"].reshape(())
+            state2 = bnbF.QuantState(absmax=tensors["nested_absmax"], code=tensors["nested_quant_map"],
+                                     blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)  # fmt: skip
+        state = bnbF.QuantState(
+            absmax=tensors["absmax"], shape=torch.Size(self.local_shape), dtype=self.weight_dtype,
+            blocksize=self.spec.blocksize, code=tensors["quant_map"], quant_type=self.spec.quant_type,
+            offset=offset, state2=state2,
+        )  # fmt: skip
+        self._install_4bit(tensors["packed"], state)
+
+    def _check_packed(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         where = f"{source}: " if source else ""
         layout = self.packed_layout()
         if set(tensors) != set(layout):
@@ -330,29 +360,9 @@ class QuantLinear(nn.Module):
             if tuple(t.shape) != shape or (t.dtype != dtype if dtype else not t.dtype.is_floating_point):
                 raise ValueError(
                     f"{where}pre-quantized {name!r} is {t.dtype} {list(t.shape)}, expected {dtype or 'float'} "
-                    f"{list(shape)} "
-                    f"for a {self.spec.name} weight of local shape {list(self.local_shape)}; the checkpoint was "
-                    "quantized for another config or model-parallel size"
+                    f"{list(shape)} for a {self.spec.name} weight of local shape {list(self.local_shape)}; the "
+                    "checkpoint was quantized for another config or model-parallel size"
                 )
-
-        def adopt(name: str) -> torch.Tensor:
-            shape, dtype = layout[name]
-            return torch.empty(shape, dtype=dtype or tensors[name].dtype, device=device).copy_(tensors[name])
-
-        local = torch.Size(self.local_shape)
-        if self.spec.bits == 8:
-            self._install_8bit(adopt("CB"), adopt("SCB"))
-            return
-        offset = state2 = None
-        if self.spec.compress_statistics:  # as bitsandbytes.functional.quantize_blockwise builds it
-            offset = adopt("nested_offset").reshape(())
-            state2 = bnbF.QuantState(absmax=adopt("nested_absmax"), code=adopt("nested_quant_map"),
-                                     blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)  # fmt: skip
-        state = bnbF.QuantState(
-            absmax=adopt("absmax"), shape=local, dtype=self.weight_dtype, blocksize=self.spec.blocksize,
-            code=adopt("quant_map"), quant_type=self.spec.quant_type, offset=offset, state2=state2,
-        )  # fmt: skip
-        self._install_4bit(adopt("packed"), state)
 
     def init_weight(self, device: torch.device | str) -> torch.Tensor:
         """The full-precision init this layer would have unquantized (same values for the same RNG state)."""
