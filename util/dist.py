@@ -55,25 +55,31 @@ def _slurm_env() -> None:
     os.environ.setdefault("MASTER_PORT", "29500")
 
 
+def init_process_group(*, backend: str | None = None) -> None:
+    """torch.distributed only (no model-parallel groups yet); idempotent. See init_distributed."""
+    if dist.is_initialized():
+        return
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        _slurm_env()
+    if "RANK" in os.environ:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend)
+    else:  # plain `python`: a one-process group on a private store
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(backend, rank=0, world_size=1)
+
+
 def init_distributed(model_parallel_size: int = 1, *, backend: str | None = None) -> DistInfo:
     """Set up torch.distributed (if needed) and fairscale's model-parallel groups; idempotent.
 
     backend: "nccl" when CUDA is available, else "gloo". Under torchrun the environment says rank and world
     size; under SLURM (srun) SLURM_PROCID/SLURM_NTASKS do; otherwise this process is a group of one.
     """
-    if not dist.is_initialized():
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
-            _slurm_env()
-        if "RANK" in os.environ:
-            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-            if backend == "nccl":
-                torch.cuda.set_device(local_rank)
-            dist.init_process_group(backend)
-        else:  # plain `python`: a one-process group on a private store
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            dist.init_process_group(backend, rank=0, world_size=1)
+    init_process_group(backend=backend)
     world_size = dist.get_world_size()
     if fs_mp.model_parallel_is_initialized():
         if fs_mp.get_model_parallel_world_size() != model_parallel_size:

@@ -1,31 +1,402 @@
-"""Decoding with the model's KV cache."""
+"""Decoding with the model's KV cache: greedy and sampled, batched, streamed as text, and a chat on top.
+
+One loop (`decode`) serves everything: prompts of different lengths share the cache's positions (start_pos is
+one int), so decoding starts at the shortest prompt and the longer prompts' tokens are forced while they last -
+the cache then only ever holds real tokens and no padding mask is needed. Model parallel: every rank runs the
+same loop on the same (gathered) logits; the chosen tokens are broadcast from the group's first rank, so
+sampling agrees even if the ranks' generators or logits differed in the last bit.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+
 import torch
+import torch.distributed as dist
 
 from model.llama import Transformer
+from util.templates import chat_prompt
+
+log = logging.getLogger(__name__)
+
+# Where a chat model starts the next turn by itself: the answer ends before these. (No newline in them:
+# tokenizers with sentencepiece's default normalization turn the template's newlines into spaces.)
+CHAT_STOP = ("### Human:", "### Assistant:")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy (argmax); otherwise logits / temperature, then top-k / top-p
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p (1: all)
+    top_k: int = 0  # keep the k most likely tokens (0: all)
+    repetition_penalty: float = 1.0  # CTRL's: divide positive / multiply negative logits of seen tokens (1: off)
+    seed: int | None = None  # sampling generator seed (None: a fresh one)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature < 0:
+            problems.append(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            problems.append(f"top_k={self.top_k} must be >= 0 (0 keeps all tokens)")
+        if self.repetition_penalty <= 0:
+            problems.append(f"repetition_penalty={self.repetition_penalty} must be > 0 (1 is off)")
+        if problems:
+            raise ValueError("invalid sampling parameters: " + "; ".join(problems))
+
+    def replace(self, **changes) -> SamplingParams:
+        return replace(self, **changes)
+
+
+# --- logits processing (pure functions on [batch, vocab] fp32 logits) ---
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make tokens already in `seen` [batch, n] less likely: positive logits / penalty, negative * penalty."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    picked = logits.gather(1, seen)
+    return logits.scatter(1, seen, torch.where(picked > 0, picked / penalty, picked * penalty))
+
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties at the k-th value are kept); the rest become -inf."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus: keep the most likely tokens until their probability reaches p (at least one); the rest -inf."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
+    drop_sorted = before >= p  # the first token always stays (before = 0 < p)
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_tokens(
+    logits: torch.Tensor, params: SamplingParams, *, seen: torch.Tensor | None = None, generator=None
+) -> torch.Tensor:
+    """One token per row of logits [batch, vocab]: greedy when temperature is 0, else sampled."""
+    logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = filter_top_p(filter_top_k(logits / params.temperature, params.top_k), params.top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def _model_parallel_group():
+    """(group, src rank) when this process is one of several model-parallel ranks, else None."""
+    from fairscale.nn.model_parallel import initialize as fs_mp
+
+    if not (dist.is_initialized() and fs_mp.model_parallel_is_initialized()):
+        return None
+    if fs_mp.get_model_parallel_world_size() == 1:
+        return None
+    return fs_mp.get_model_parallel_group(), fs_mp.get_model_parallel_src_rank()
+
+
+# --- the decoding loop ---
 
 
 @torch.inference_mode()
+def decode(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams = SamplingParams(),
+    *,
+    eos_id: int | None = None,
+    stop: Callable[[int, list[int]], bool] | None = None,
+    vocab_size: int | None = None,
+    prefix: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[list[int | None]]:
+    """Yield, per decoding step, the new token of each prompt (None for a prompt not yet generating or finished).
+
+    A prompt finishes at eos_id (not yielded), after max_new_tokens, or when stop(row, its tokens so far) is
+    true. vocab_size: never produce ids at or above it (a model whose embedding is larger than its tokenizer).
+    prefix: the LLaMA-Adapter prefix (multimodal), passed to every forward.
+    Every prompt must fit: len(prompt) + max_new_tokens <= max_seq_len (see fit_prompt).
+    """
+    lengths = [len(p) for p in prompts]
+    max_seq_len = model.args.max_seq_len
+    if not prompts or min(lengths) == 0:
+        raise ValueError("every prompt needs at least one token (e.g. the tokenizer's BOS)")
+    too_long = [i for i, n in enumerate(lengths) if n + params.max_new_tokens > max_seq_len]
+    if too_long:
+        raise ValueError(
+            f"prompt(s) {too_long} of {[lengths[i] for i in too_long]} tokens + max_new_tokens="
+            f"{params.max_new_tokens} exceed max_seq_len={max_seq_len}: shorten them (util.generate.fit_prompt "
+            "truncates from the left) or ask for fewer new tokens"
+        )
+    device = model.norm.weight.device
+    batch, shortest, total = len(prompts), min(lengths), max(lengths) + params.max_new_tokens
+    tokens = torch.zeros(batch, total, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(list(p), dtype=torch.long)
+    lengths_t = torch.tensor(lengths, device=device)
+    mp = _model_parallel_group()
+    if generator is None and params.temperature > 0:
+        generator = make_generator(params.seed, device)
+
+    model.setup_cache(batch, total)
+    logits = model(tokens[:, :shortest], start_pos=0, prefix=prefix)[:, -1]
+    produced: list[list[int]] = [[] for _ in prompts]
+    done = [False] * batch
+    for pos in range(shortest, total):
+        if vocab_size is not None and vocab_size < logits.shape[-1]:
+            logits[:, vocab_size:] = float("-inf")
+        seen = tokens[:, :pos] if params.repetition_penalty != 1.0 else None
+        chosen = next_tokens(logits, params, seen=seen, generator=generator)
+        if mp is not None:  # the group's first rank decides for everyone
+            group, src = mp
+            dist.broadcast(chosen, src=src, group=group)
+        forced = pos < lengths_t
+        tokens[:, pos] = torch.where(forced, tokens[:, pos], chosen)
+        step: list[int | None] = [None] * batch
+        for i in range(batch):
+            if done[i] or pos < lengths[i]:
+                continue
+            token = int(tokens[i, pos])
+            if token == eos_id:
+                done[i] = True
+                continue
+            produced[i].append(token)
+            step[i] = token
+            stopped = stop is not None and stop(i, produced[i])
+            if stopped or len(produced[i]) >= params.max_new_tokens:
+                done[i] = True
+        if any(t is not None for t in step):
+            yield step
+        if all(done):
+            return
+        logits = model(tokens[:, pos : pos + 1], start_pos=pos, prefix=prefix)[:, -1]
+
+
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams = SamplingParams(),
+    **kwargs,
+) -> list[list[int]]:
+    """The new tokens of each prompt (without the prompt and without EOS). kwargs: as `decode`."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in decode(model, prompts, params, **kwargs):
+        for i, token in enumerate(step):
+            if token is not None:
+                out[i].append(token)
+    return out
+
+
 def greedy_generate(
     model: Transformer, prompt: list[int], max_new_tokens: int, *, eos_id: int | None = None
 ) -> list[int]:
     """Greedy continuation of one prompt: the prompt in one forward, then one token per step from the cache."""
-    total = len(prompt) + max_new_tokens
-    if not prompt or total > model.args.max_seq_len:
-        raise ValueError(
-            f"prompt of {len(prompt)} tokens + {max_new_tokens} new must be non-empty and fit max_seq_len="
-            f"{model.args.max_seq_len}"
+    return generate(model, [prompt], SamplingParams(max_new_tokens=max_new_tokens), eos_id=eos_id)[0]
+
+
+def fit_prompt(
+    ids: Sequence[int], max_seq_len: int, max_new_tokens: int, *, min_new_tokens: int | None = None
+) -> tuple[list[int], int, list[str]]:
+    """Make a prompt and its answer fit the model: (ids, max_new_tokens, notes saying what was cut).
+
+    The answer's budget shrinks first, down to min_new_tokens (default: a quarter of the context); a prompt that
+    still does not fit loses its oldest tokens."""
+    floor = min(max_new_tokens, max(1, max_seq_len // 4) if min_new_tokens is None else min_new_tokens)
+    notes = []
+    room = max_seq_len - len(ids)
+    if room < max_new_tokens:
+        new = max(room, floor)
+        if new < max_new_tokens:
+            notes.append(f"max new tokens lowered from {max_new_tokens} to {new} to fit max_seq_len={max_seq_len}")
+        max_new_tokens = new
+    keep = max_seq_len - max_new_tokens
+    if len(ids) > keep:
+        notes.append(
+            f"prompt of {len(ids)} tokens truncated from the left to its last {keep} "
+            f"(max_seq_len={max_seq_len} - {max_new_tokens} new tokens)"
         )
-    device = model.norm.weight.device
-    model.setup_cache(1, total)
-    logits = model(torch.tensor([prompt], device=device), start_pos=0)
-    out: list[int] = []
-    for pos in range(len(prompt), total):
-        token = int(logits[0, -1].argmax())
-        out.append(token)
-        if token == eos_id or pos == total - 1:
-            break
-        logits = model(torch.tensor([[token]], device=device), start_pos=pos)
-    return out
+        ids = ids[-keep:]
+    return list(ids), max_new_tokens, notes
+
+
+# --- text ---
+
+
+class TextStream:
+    """Turns generated ids into text deltas: holds back an incomplete UTF-8 character and any tail that could
+    be the start of a stop string; `push` returns the new text and whether a stop string was reached."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
+        self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self.text = ""  # emitted so far
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        full = self.tokenizer.decode(self.ids)
+        for s in self.stop:
+            cut = full.find(s)
+            if cut != -1:
+                self.stopped = True
+                full = full[:cut]
+        if not self.stopped:
+            full = full.rstrip("\ufffd")  # bytes of a character still to come
+            full = full[: len(full) - self._stop_prefix(full)]
+        if not full.startswith(self.text):  # decoding is not always prefix-stable; never take text back
+            return ""
+        delta, self.text = full[len(self.text) :], full
+        return delta
+
+    def flush(self) -> str:
+        """The held-back tail at the end of generation (no stop string followed)."""
+        if self.stopped:
+            return ""
+        full = self.tokenizer.decode(self.ids)
+        delta = full[len(self.text) :] if full.startswith(self.text) else ""
+        self.text += delta
+        return delta
+
+    def _stop_prefix(self, text: str) -> int:
+        """Length of the longest tail of text that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+
+def stream_text(
+    model: Transformer,
+    tokenizer,
+    prompt: Sequence[int],
+    params: SamplingParams = SamplingParams(),
+    *,
+    stop: Sequence[str] = (),
+    prefix: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[str]:
+    """Generate from one tokenized prompt, yielding text deltas as they are decoded, ending before a stop
+    string or EOS."""
+    text = TextStream(tokenizer, stop)
+    deltas: list[str] = []
+
+    def push(_row: int, ids: list[int]) -> bool:  # decode asks after each token whether to stop
+        deltas.append(text.push(ids[-1]))
+        return text.stopped
+
+    for _ in decode(
+        model, [prompt], params, eos_id=tokenizer.eos_id, stop=push, vocab_size=tokenizer.vocab_size,
+        prefix=prefix, generator=generator,
+    ):  # fmt: skip
+        delta = deltas.pop()
+        if delta:
+            yield delta
+    tail = text.flush()
+    if tail:
+        yield tail
+
+
+# --- chat ---
+
+
+class Reply:
+    """One streamed answer: iterate for text deltas; `notes` says what was cut to fit; `text` is the answer so
+    far. `close()` stops early - or, under model parallel, runs to the end, since every rank must take part in
+    every step."""
+
+    def __init__(self, deltas: Iterator[str], notes: list[str], on_done: Callable[[str], None], must_finish: bool):
+        self._deltas, self.notes, self._on_done, self._must_finish = deltas, notes, on_done, must_finish
+        self.text = ""
+        self._finished = False
+
+    def __iter__(self) -> Iterator[str]:
+        for delta in self._deltas:
+            self.text += delta
+            yield delta
+        self._finish()
+
+    def close(self) -> None:
+        if self._finished:
+            return
+        if self._must_finish:
+            for delta in self._deltas:
+                self.text += delta
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._on_done(self.text)
+
+
+class Chat:
+    """A conversation with history in the chat template (util.templates): `send` returns a streamed Reply.
+
+    raw=True: no template and no history, each message is the whole prompt (a base model)."""
+
+    def __init__(self, model: Transformer, tokenizer, *, raw: bool = False, stop: Sequence[str] = CHAT_STOP):
+        self.model, self.tokenizer, self.raw = model, tokenizer, raw
+        self.stop = () if raw else tuple(stop)
+        self.turns: list[tuple[str, str]] = []
+
+    def clear(self) -> None:
+        self.turns = []
+
+    def prompt_ids(self, message: str, max_new_tokens: int) -> tuple[list[int], int, list[str]]:
+        """The tokenized prompt for `message` that fits the context, and the answer's budget: the oldest turns
+        go first, then the budget shrinks (to a quarter of the context at least), then the prompt's oldest tokens."""
+        notes = []
+        turns = list(self.turns)
+        max_seq_len = self.model.args.max_seq_len
+        min_new = min(max_new_tokens, max(1, max_seq_len // 4))  # the answer's budget may shrink to this first
+        while True:
+            text = message if self.raw else chat_prompt([*turns, (message, None)])
+            ids = self.tokenizer.encode(text, bos=True)
+            if len(ids) + min_new <= max_seq_len or not turns:
+                break
+            turns.pop(0)
+        if len(turns) < len(self.turns):
+            notes.append(f"the oldest {len(self.turns) - len(turns)} turn(s) left out to fit max_seq_len={max_seq_len}")
+        ids, max_new_tokens, cut = fit_prompt(ids, max_seq_len, max_new_tokens, min_new_tokens=min_new)
+        return ids, max_new_tokens, notes + cut
+
+    def send(self, message: str, params: SamplingParams = SamplingParams(), *, prefix=None) -> Reply:
+        message = message.strip()
+        if not message:
+            raise ValueError("empty message: type something to send")
+        ids, max_new, notes = self.prompt_ids(message, params.max_new_tokens)  # notes: for the caller to show
+        deltas = stream_text(
+            self.model, self.tokenizer, ids, params.replace(max_new_tokens=max_new), stop=self.stop, prefix=prefix
+        )
+
+        def remember(answer: str) -> None:
+            if not self.raw:
+                self.turns.append((message, answer.strip()))
+
+        return Reply(deltas, notes, remember, must_finish=_model_parallel_group() is not None)

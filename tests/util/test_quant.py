@@ -113,3 +113,23 @@ def test_unknown_quant_mode_lists_choices():
         quantize_model(nn.Linear(4, 4), "3bit")
     model = nn.Sequential(nn.Linear(4, 4))
     assert quantize_model(model, "none") is model and type(model[0]) is nn.Linear
+
+
+def test_prepare_for_inference_repacks_4bit_for_cpu_and_refuses_training():
+    from util.quant import prepare_for_inference
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64, bias=False, dtype=torch.bfloat16))
+    quantize_model(model, "4bit", block_list=())
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = model(x)
+    repacked = prepare_for_inference(model)
+    if repacked == 0:
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes' repacked inference kernel is not used")
+    with torch.no_grad():
+        after = model(x)
+    assert (after.float() - before.float()).abs().max() < 0.02 * before.float().abs().max()
+    model.train()
+    with pytest.raises(RuntimeError, match="cannot train"):
+        model(x.requires_grad_())

@@ -1,0 +1,427 @@
+"""Chat with a lazily built (quantized) LLaMA: in the terminal, for one --prompt, or in a web page (--web).
+
+  python demo.py                                   # the bundled fine-tuning default (out/quickstart), 4-bit
+  python demo.py --prompt "Give three tips for staying healthy."
+  python demo.py --web --port 7860                 # a Gradio page on http://127.0.0.1:7860
+  python demo.py --llama_config params.json --tokenizer_path tokenizer.model --pretrained_path llama-2-7b/ \\
+      --quant 4bit
+  torchrun --nproc_per_node 2 demo.py --model_parallel_size 2 ...   # model parallel: rank 0 reads and prints
+
+Terminal commands: /clear (forget the conversation), /help, /quit (or Ctrl-D).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+# What `make quickstart` / `python main_finetune.py` (the bundled fine-tuning default) produce.
+DEFAULT_BASE = Path("out/quickstart/base")
+DEFAULT_DELTA = Path("out/quickstart/final")
+DEFAULT_TOKENIZER = Path("out/quickstart/tokenizer.model")
+HELP = "commands: /clear forgets the conversation, /quit (or Ctrl-D) quits, /help shows this"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = p.add_argument_group("model (no arguments: the bundled fine-tuning default in out/quickstart)")
+    m.add_argument("--llama_config", nargs="+", type=Path, help="JSON config(s), merged in order (later wins)")
+    m.add_argument("--tokenizer_path", type=Path, help="sentencepiece tokenizer.model (or a folder holding one)")
+    m.add_argument("--pretrained_path", nargs="+", type=Path, help="checkpoint(s) loaded in order: base, deltas")
+    m.add_argument("--quant", default="4bit", choices=["none", "4bit", "4bit_fp4", "8bit"])
+    m.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    m.add_argument("--device", default=None, help="default: cuda (this rank's GPU) if available, else cpu")
+    m.add_argument("--model_parallel_size", type=int, default=1, help="launch with torchrun --nproc_per_node N")
+    m.add_argument("--raw", action="store_true", help="no chat template and no history (a base model)")
+    s = p.add_argument_group("sampling (the web page has its own controls)")
+    s.add_argument("--max_new_tokens", type=int, default=None, help="default: 128, at most a quarter of the context")
+    s.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    s.add_argument("--top_p", type=float, default=0.9)
+    s.add_argument("--top_k", type=int, default=0, help="0: no limit")
+    s.add_argument("--repetition_penalty", type=float, default=1.1, help="1: off")
+    s.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--save_quantized", type=Path, default=None,
+        help="after building, write the quantized model here (a later --pretrained_path DIR skips quantization)",
+    )  # fmt: skip
+    u = p.add_argument_group("interface (default: chat in the terminal)")
+    u.add_argument("--prompt", help="answer this one message on stdout and exit")
+    u.add_argument("--web", action="store_true", help="serve a Gradio chat page")
+    u.add_argument("--host", default="127.0.0.1", help="web: address to bind (0.0.0.0 exposes it to the network)")
+    u.add_argument("--port", type=int, default=7860)
+    opts = p.parse_args(argv)
+    if opts.prompt is not None and opts.web:
+        p.error("--prompt and --web exclude each other")
+    if opts.prompt is not None and not opts.prompt.strip():
+        p.error("--prompt is empty: pass the message to answer, e.g. --prompt 'Give three tips for staying healthy.'")
+    return opts
+
+
+def resolve_paths(opts: argparse.Namespace) -> str | None:
+    """Fill in the default model; returns what is missing and how to get it, or None when all is there."""
+    if opts.llama_config is None and opts.tokenizer_path is None and opts.pretrained_path is None:
+        opts.pretrained_path, opts.tokenizer_path = [DEFAULT_BASE, DEFAULT_DELTA], DEFAULT_TOKENIZER
+        missing = [str(p) for p in (DEFAULT_BASE, DEFAULT_DELTA, DEFAULT_TOKENIZER) if not p.exists()]
+        if missing:
+            return (
+                f"the default model is not there (missing: {', '.join(missing)} under {Path.cwd()}).\n"
+                "Produce it with `make quickstart` or `python main_finetune.py` (the bundled fine-tuning default), "
+                "or point at a model: --llama_config params.json --tokenizer_path tokenizer.model "
+                "--pretrained_path CHECKPOINT"
+            )
+    if opts.tokenizer_path is None:  # Meta and HF checkpoints ship tokenizer.model next to the weights
+        found = [p / "tokenizer.model" for p in opts.pretrained_path or [] if (p / "tokenizer.model").is_file()]
+        if not found:
+            return "no tokenizer: pass --tokenizer_path tokenizer.model"
+        opts.tokenizer_path = found[0]
+    if opts.llama_config is None and not opts.pretrained_path:
+        return "no model: pass --pretrained_path CHECKPOINT (and/or --llama_config params.json for its shape)"
+    missing = [str(p) for p in [*(opts.llama_config or []), opts.tokenizer_path, *(opts.pretrained_path or [])]]
+    missing = [p for p in missing if not Path(p).exists()]
+    if missing:
+        return f"not found: {', '.join(missing)}"
+    return None
+
+
+def load(opts: argparse.Namespace, log):
+    """Tokenizer, then build_model (meta -> quantize -> materialize and load); prints load time and memory."""
+    import torch
+
+    from model.args import ModelArgs
+    from model.build import build_model
+    from model.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(opts.tokenizer_path)
+    args = None
+    if opts.llama_config:
+        args = ModelArgs.from_json(*opts.llama_config)
+        args = args.with_vocab_size(tokenizer.vocab_size, source=str(tokenizer.path))
+    if not opts.pretrained_path:
+        log("warning: no --pretrained_path, the weights are random")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[opts.dtype]
+    quant = None if opts.quant == "none" else opts.quant
+    t0 = time.perf_counter()
+    model, report = build_model(args, opts.pretrained_path, quant=quant, dtype=dtype, device=opts.device)
+    seconds = time.perf_counter() - t0
+    if model.args.vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"the model's vocab_size={model.args.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} "
+            f"({tokenizer.path}): pass the tokenizer these weights were trained with"
+        )
+    paths = ", ".join(map(str, opts.pretrained_path or ["random init"]))
+    log(f"loaded {paths} in {seconds:.1f} s ({opts.quant}, {opts.dtype}, {opts.device})")
+    log(report.summary())
+    if opts.save_quantized:
+        from util.checkpoint import save_quantized
+
+        save_quantized(model, opts.save_quantized)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank's file is written before anyone reads the directory
+        log(f"saved the quantized model to {opts.save_quantized}: pass it as --pretrained_path to skip quantizing")
+    from util.quant import prepare_for_inference
+
+    repacked = prepare_for_inference(model)  # eval mode; on AVX512-BF16 CPUs 4-bit layers use the fast kernel
+    if repacked:
+        log(f"{repacked} 4-bit layers repacked for CPU inference")
+    return model, tokenizer
+
+
+class Group:
+    """Rank 0 decides (reads input, takes web requests) and shares each request with the other ranks, which all
+    generate with it; a single process shares with nobody."""
+
+    def __init__(self, model_parallel_size: int) -> None:
+        self.rank, self.world_size = 0, 1
+        if model_parallel_size > 1 or "RANK" in os.environ:
+            import torch.distributed as dist
+
+            from util.dist import init_distributed
+
+            info = init_distributed(model_parallel_size)
+            if info.world_size != model_parallel_size:
+                raise SystemExit(
+                    f"demo.py serves one model: launch exactly --model_parallel_size={model_parallel_size} "
+                    f"processes (torchrun --nproc_per_node {model_parallel_size}), not {info.world_size}"
+                )
+            self.rank, self.world_size, self._dist = info.rank, info.world_size, dist
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, obj):
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        self._dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def sampling(opts: argparse.Namespace):
+    from util.generate import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k,
+        repetition_penalty=opts.repetition_penalty, seed=opts.seed,
+    )  # fmt: skip
+
+
+def answer(chat, request):
+    """Every rank runs this with the same request: (turns, message, SamplingParams)."""
+    turns, message, params = request
+    chat.turns = list(turns)
+    return chat.send(message, params)
+
+
+def run_prompt(chat, group: Group, opts, log) -> int:
+    params = sampling(opts)
+    try:
+        reply = answer(chat, ([], opts.prompt, params))
+    except ValueError as e:
+        log(f"error: {e}")
+        return 2
+    for note in reply.notes:
+        log(f"warning: {note}")
+    for delta in reply:
+        if group.is_main:
+            print(delta, end="", flush=True)
+    if group.is_main:
+        print()
+    return 0
+
+
+def run_terminal(chat, group: Group, opts, log) -> int:
+    params = sampling(opts)
+    if group.is_main:
+        print(f"Chat ({HELP}).", flush=True)
+    while True:
+        line = None
+        if group.is_main:
+            try:
+                line = input("you> ")
+            except EOFError:  # Ctrl-D
+                print()
+                line = "/quit"
+            except KeyboardInterrupt:
+                print()
+                continue
+        line = group.share(line).strip()
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/clear":
+            chat.clear()
+            log("(conversation cleared)")
+            continue
+        if line.startswith("/"):
+            log(f"unknown command {line.split()[0]!r}; {HELP}" if line != "/help" else HELP)
+            continue
+        if not line:
+            log(f"(empty message: type something; {HELP})")
+            continue
+        reply = answer(chat, (chat.turns, line, params))
+        for note in reply.notes:
+            log(f"warning: {note}")
+        if group.is_main:
+            print("assistant> ", end="", flush=True)
+        try:
+            for delta in reply:
+                if group.is_main:
+                    print(delta, end="", flush=True)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+            reply.close()
+            print(" [stopped]", end="")
+        if group.is_main:
+            print(flush=True)
+
+
+def run_follower(chat, group: Group) -> int:
+    """Ranks > 0 behind the web page: generate each request rank 0 shares, until it shares None."""
+    while (request := group.share(None)) is not None:
+        try:
+            reply = answer(chat, request)
+        except ValueError:
+            continue  # rank 0 refused it too
+        reply.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    problem = resolve_paths(opts)  # before the heavy imports: a missing model is reported at once
+    if problem:
+        print(f"demo.py: {problem}", file=sys.stderr)
+        return 2
+
+    import logging
+
+    import torch
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    group = Group(opts.model_parallel_size)
+    if opts.device is None:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        opts.device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+
+    def log(msg: str) -> None:  # status lines go to stderr so that --prompt's stdout is only the answer
+        if group.is_main:
+            print(msg, file=sys.stderr, flush=True)
+
+    from util.dist import destroy_distributed
+    from util.generate import Chat
+
+    try:
+        try:  # bad configs, checkpoints, tokenizers and sampling values raise ValueError / OSError with the fix
+            model, tokenizer = load(opts, log)
+            if opts.max_new_tokens is None:
+                opts.max_new_tokens = min(128, model.args.max_seq_len // 4)
+            sampling(opts)
+        except (ValueError, OSError) as e:
+            log(f"demo.py: {e}")
+            return 2
+        chat = Chat(model, tokenizer, raw=opts.raw)
+        if opts.prompt is not None:
+            return run_prompt(chat, group, opts, log)
+        if opts.web:
+            if not group.is_main:
+                return run_follower(chat, group)
+            try:
+                web(chat, group, opts, log)
+            finally:
+                group.share(None)  # the other ranks stop waiting
+            return 0
+        return run_terminal(chat, group, opts, log)
+    finally:
+        destroy_distributed()
+
+
+# --- the web page ---
+
+
+def read_image(path: str | Path):
+    """The multimodal hook's input: an RGB image, or a ValueError saying what is wrong with the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(
+            f"could not read the image {Path(path).name}: {e} (expected a PNG, JPEG or WebP file)"
+        ) from None
+
+
+def is_multimodal(model) -> bool:
+    return getattr(model, "visual", None) is not None
+
+
+def web(chat, group: Group, opts, log) -> None:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from a local demo
+    import gradio as gr
+
+    from util.generate import SamplingParams
+
+    model, max_seq_len = chat.model, chat.model.args.max_seq_len
+    multimodal = is_multimodal(model)
+
+    def respond(message, history, image, temperature, top_p, top_k, max_new_tokens, repetition_penalty):
+        history = list(history or [])
+        message = (message or "").strip()
+        if not message:
+            yield history, "", "Empty message: type something first."
+            return
+        if image is not None:
+            try:
+                read_image(image)
+            except ValueError as e:
+                yield history, message, str(e)
+                return
+            if not multimodal:
+                yield history, message, "This model takes no images: remove the image and send again."
+                return
+        try:
+            params = SamplingParams(
+                max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
+                top_k=int(top_k), repetition_penalty=float(repetition_penalty), seed=opts.seed,
+            )  # fmt: skip
+        except ValueError as e:
+            yield history, message, str(e)
+            return
+        turns = turns_of(history)
+        reply = answer(chat, group.share((turns, message, params)))
+        status = " ".join(f"Note: {n}." for n in reply.notes)
+        history += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+        yield history, "", status
+        try:
+            for _ in reply:
+                history[-1] = {"role": "assistant", "content": reply.text}
+                yield history, "", status
+        finally:
+            reply.close()  # a closed page stops the answer (model parallel: after the other ranks finish)
+        if not reply.text.strip():
+            history[-1] = {"role": "assistant", "content": "(no answer: the model ended at once)"}
+            yield history, "", status
+
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace"])
+    with gr.Blocks(title="lazyllama chat") as page:
+        gr.Markdown(
+            f"### lazyllama chat\n{', '.join(map(str, opts.pretrained_path or ['random weights']))} - "
+            f"{opts.quant}, {opts.dtype}, context {max_seq_len} tokens"
+        )
+        chatbot = gr.Chatbot(elem_id="chatbot", height=380, label="Conversation")
+        with gr.Row():
+            box = gr.Textbox(
+                elem_id="message", placeholder="Type a message and press Enter", show_label=False, scale=8,
+                autofocus=True,
+            )  # fmt: skip
+            send = gr.Button("Send", variant="primary", elem_id="send", scale=1)
+            clear = gr.Button("Clear", elem_id="clear", scale=1)
+        # the multimodal hook: shown only for models that take images (none yet); read_image checks the file
+        image = gr.File(label="Image", file_types=["image"], visible=multimodal, elem_id="image")
+        status = gr.Markdown(elem_id="status")
+        with gr.Accordion("Sampling", open=True):
+            with gr.Row():
+                temperature = gr.Slider(0, 2, value=opts.temperature, step=0.05, label="Temperature (0: greedy)")
+                top_p = gr.Slider(0.05, 1, value=opts.top_p, step=0.05, label="Top-p")
+                top_k = gr.Slider(0, 200, value=opts.top_k, step=1, label="Top-k (0: all)")
+            with gr.Row():
+                max_new = gr.Slider(
+                    1, max_seq_len - 1, value=min(opts.max_new_tokens, max_seq_len - 1), step=1,
+                    label="Max new tokens",
+                )  # fmt: skip
+                penalty = gr.Slider(1, 2, value=opts.repetition_penalty, step=0.05, label="Repetition penalty (1: off)")
+        inputs = [box, chatbot, image, temperature, top_p, top_k, max_new, penalty]
+        outputs = [chatbot, box, status]
+        send.click(respond, inputs, outputs, api_name="respond", show_progress="minimal")
+        box.submit(respond, inputs, outputs, api_visibility="undocumented", show_progress="minimal")
+        clear.click(lambda: ([], "", None), None, [chatbot, status, image], api_visibility="undocumented")
+
+    page.queue(default_concurrency_limit=1)  # one model: one answer at a time, the others wait in the queue
+    log(f"serving on http://{opts.host}:{opts.port} (Ctrl-C stops)")
+    page.launch(
+        server_name=opts.host, server_port=opts.port, show_error=True, quiet=True, theme=theme,
+        footer_links=[], ssr_mode=False,
+    )  # fmt: skip
+
+
+def turns_of(history: list[dict]) -> list[tuple[str, str]]:
+    """(human, assistant) pairs from the Chatbot's messages."""
+    turns, human = [], None
+    for m in history:
+        content = m["content"]
+        if not isinstance(content, str):  # Gradio 6: a list of parts; the text parts are the message
+            parts = content if isinstance(content, list) else [content]
+            content = "".join(p.get("text", "") for p in parts if isinstance(p, dict))
+        if m["role"] == "user":
+            human = content
+        elif human is not None:
+            turns.append((human, content))
+            human = None
+    return turns
+
+
+if __name__ == "__main__":
+    sys.exit(main())
