@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 
-.PHONY: test quickstart lint format bench-tiny
+.PHONY: test quickstart lint format bench-tiny browser
 
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -11,11 +11,21 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $(STAMP)
 
-test: $(STAMP)
+# The web page tests drive Debian's chromium through Playwright (never a downloaded browser).
+browser:
+	@test -x /usr/bin/chromium || { \
+		echo "installing chromium (apt-get) for the browser tests"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+		|| echo "could not install chromium (needs root and Debian's apt): the web page tests will fail"; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
+# Fine-tune the bundled tiny model (4-bit base + LoRA, CPU, about a minute; tokenizer and base made on first use),
+# then ask the result a question (greedy).
 quickstart: $(STAMP)
-	$(PY) scripts/quickstart.py
+	$(PY) main_finetune.py
+	$(PY) demo.py --prompt "What is the opposite of hot?" --temperature 0
 
 lint: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -1,0 +1,262 @@
+"""Fine-tune a LLaMA model with adapters (LoRA, LLaMA-Adapter, bias/norm tuning), optionally on a 4-bit base.
+
+    python main_finetune.py                              # quickstart: tiny model, bundled data, CPU, ~a minute
+    torchrun --nproc_per_node 2 main_finetune.py --quant 4bit
+    torchrun --nproc_per_node 8 main_finetune.py --llama_config llama-2-7b/params.json configs/lora_r16.json \\
+        --pretrained_path llama-2-7b --tokenizer_path llama-2-7b/tokenizer.model --quant 4bit \\
+        --data_config data/quickstart.yaml --output_dir out/7b-qlora
+
+Thin: arguments -> model.build.build_model (meta -> quantize -> adapters -> materialize and load -> verify) ->
+util.train.Trainer -> <output_dir>/final (trainable-only or full model + params.json with the full config +
+tokenizer.model). The config is the checkpoints' params.json/config.json, then --llama_config files on top
+(later wins). Every data-parallel rank builds and quantizes its own base from the real weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from fairscale.nn.model_parallel import initialize as fs_mp
+from torch import nn
+
+from model.args import ModelArgs
+from model.build import build_model
+from model.tokenizer import Tokenizer
+from util.checkpoint import open_checkpoint
+from util.data import InstructionDataset, load_data_config
+from util.dist import init_distributed, init_process_group
+from util.quickstart import DATA_CONFIG, QUICKSTART_DIR, prepare_quickstart
+from util.train import PRECISIONS, Trainer, config_from, resolve_resume
+
+log = logging.getLogger("main_finetune")
+
+# Defaults, and the quickstart's where the user gave nothing (argparse defaults are None to tell them apart).
+DEFAULTS = dict(
+    quant="none", batch_size=4, accum_iter=1, lr=1e-4, min_lr=0.0, weight_decay=0.02, warmup_epochs=0.0, epochs=1,
+    clip_grad=2.0, max_words=512, save_interval=1, save_iteration_interval=0, keep_last=0, seed=0, num_workers=1,
+    output_dir="out/finetune", log_interval=1,
+)  # fmt: skip
+QUICKSTART = dict(
+    quant="4bit", batch_size=8, lr=3e-3, min_lr=3e-4, warmup_iters=5, epochs=6, clip_grad=1.0, max_words=128,
+    save_interval=0, num_workers=0, output_dir=str(QUICKSTART_DIR),
+)  # fmt: skip
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--llama_config", nargs="+", default=[], help="JSON config(s) merged over the checkpoints' config")
+    m.add_argument("--tokenizer_path", help="sentencepiece tokenizer.model, or a directory holding one")
+    m.add_argument("--pretrained_path", nargs="+", default=[], help="checkpoint(s) loaded in order (base, deltas)")
+    m.add_argument("--pretrained_format", default="auto", choices=["auto", "meta", "hf", "lazyllama"])
+    m.add_argument("--quant", choices=["none", "4bit", "4bit_fp4", "8bit"], help="base quantization (default none)")
+    m.add_argument("--model_parallel_size", type=int, default=1)
+    m.add_argument(
+        "--data_parallel",
+        default="ddp",
+        choices=["ddp", "fsdp"],
+        help="ddp (adapters; the base may be quantized) or fsdp (full fine-tuning, unquantized)",
+    )
+    m.add_argument("--precision", choices=sorted(PRECISIONS), help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
+    m.add_argument("--checkpointing", action="store_true", help="activation checkpointing per transformer block")
+
+    t = p.add_argument_group("training")
+    t.add_argument("--batch_size", type=int, help="per data-parallel rank and micro-step (default 4)")
+    t.add_argument("--accum_iter", type=int, help="micro-steps per optimizer step (default 1)")
+    t.add_argument("--lr", type=float, help="peak learning rate (default 1e-4)")
+    t.add_argument("--min_lr", type=float, help="cosine floor (default 0)")
+    t.add_argument("--weight_decay", type=float, help="AdamW weight decay on matrices (default 0.02)")
+    t.add_argument("--warmup_epochs", type=float, help="linear warmup in epochs (default 0)")
+    t.add_argument("--warmup_iters", type=int, help="linear warmup in optimizer steps (wins over --warmup_epochs)")
+    t.add_argument("--epochs", type=int, help="epochs (default 1)")
+    t.add_argument("--max_iters", type=int, help="optimizer steps in all (wins over --epochs)")
+    t.add_argument("--clip_grad", type=float, help="max global grad norm, <= 0 for none (default 2.0)")
+    t.add_argument("--seed", type=int)
+
+    d = p.add_argument_group("data")
+    d.add_argument("--data_config", help="YAML listing the data sources (default: the bundled quickstart data)")
+    d.add_argument("--max_words", type=int, help="tokens per example, longer ones are cut (default 512)")
+    d.add_argument("--num_workers", type=int, help="DataLoader workers (default 1)")
+    d.add_argument("--strict_data", action="store_true", help="reject bad records instead of skipping them")
+
+    o = p.add_argument_group("output")
+    o.add_argument("--output_dir", help="checkpoints, logs and final/ (default out/finetune)")
+    o.add_argument("--save_interval", type=int, help="checkpoint every N epochs, 0: never (default 1)")
+    o.add_argument("--save_iteration_interval", type=int, help="checkpoint every N optimizer steps (default 0)")
+    o.add_argument(
+        "--only_save_trainable",
+        action="store_true",
+        help="checkpoints hold the trainable tensors only (always so on a quantized base)",
+    )
+    o.add_argument("--keep_last", type=int, help="keep the newest K checkpoints, 0: all (default 0)")
+    o.add_argument("--resume", help="a checkpoint-NNNNNNN directory to continue from, or 'latest' in --output_dir")
+    o.add_argument("--log_interval", type=int, help="log every N optimizer steps (default 1)")
+    o.add_argument("--no_tensorboard", dest="tensorboard", action="store_false")
+    o.add_argument("--pretrain_steps", type=int, help="quickstart only: steps to pre-train the tiny base on first use")
+    return p
+
+
+@dataclass
+class FinetuneResult:
+    final_dir: Path
+    losses: list[float]
+    model: nn.Module  # the trained model (unwrapped), still holding this rank's shards
+    args: ModelArgs
+    checkpoints: list[Path]  # what build_model loaded: base(s), then the resumed checkpoint
+
+
+def _read_json(path: str) -> dict:
+    try:
+        values = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--llama_config {path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--llama_config {path}: not valid JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--llama_config {path}: expected a JSON object of config keys")
+    return values
+
+
+def model_config(opts: argparse.Namespace, tokenizer: Tokenizer) -> ModelArgs:
+    """The checkpoints' configs in order, then --llama_config files on top; vocab size from the checkpoint's
+    embedding or the tokenizer."""
+    args, vocab_from_ckpt = None, None
+    for path in opts.pretrained_path:
+        with open_checkpoint(path, format=opts.pretrained_format) as reader:
+            if opts.pretrained_format != "auto":
+                with open_checkpoint(path) as auto:  # build_model opens paths with auto-detection only
+                    if auto.format != reader.format:
+                        raise ValueError(
+                            f"{path} is detected as {auto.format!r}, but --pretrained_format {reader.format} was "
+                            "asked and build_model can only auto-detect; remove the other format's files from the "
+                            "directory, or drop --pretrained_format"
+                        )
+            if reader.config:
+                args = ModelArgs.from_dict(reader.config, source=str(reader.path), base=args)
+            if vocab_from_ckpt is None and "tok_embeddings.weight" in reader.keys():
+                vocab_from_ckpt = reader.shape("tok_embeddings.weight")[0]
+    for path in opts.llama_config:
+        args = ModelArgs.from_dict(_read_json(path), source=path, base=args)
+    if args is None:
+        raise ValueError(
+            "no model config: give --llama_config (e.g. params.json configs/lora_r16.json) or a --pretrained_path "
+            "whose directory has params.json / config.json; or give no model arguments for the quickstart"
+        )
+    if args.vocab_size == -1:
+        args = args.with_vocab_size(vocab_from_ckpt or tokenizer.vocab_size, source="the checkpoint / tokenizer")
+    if tokenizer.vocab_size > args.vocab_size:
+        raise ValueError(
+            f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{args.vocab_size}; use the tokenizer that belongs to the checkpoint"
+        )
+    return args
+
+
+def _is_peft(args: ModelArgs) -> bool:
+    return args.lora_rank > 0 or args.adapter_len > 0 or args.bias_tuning or args.norm_tuning
+
+
+def _setup_logging() -> None:
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(message)s", force=True)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> FinetuneResult:
+    opts = get_args_parser().parse_args(argv)
+    quickstart = not (opts.llama_config or opts.pretrained_path or opts.tokenizer_path)
+    for key, value in {**DEFAULTS, **(QUICKSTART if quickstart else {})}.items():
+        if getattr(opts, key, None) is None:
+            setattr(opts, key, value)
+    _setup_logging()
+    own_pg, own_mp = not dist.is_initialized(), not fs_mp.model_parallel_is_initialized()
+    init_process_group()
+    try:
+        if quickstart:  # tokenizer and tiny base on first use (rank 0, before the model-parallel groups)
+            inputs = prepare_quickstart(
+                opts.output_dir, data_config=opts.data_config or DATA_CONFIG, pretrain_steps=opts.pretrain_steps
+            )
+            opts.tokenizer_path, opts.pretrained_path = str(inputs.tokenizer), [str(inputs.base)]
+            opts.llama_config, opts.data_config = [str(inputs.lora_config)], opts.data_config or str(DATA_CONFIG)
+        info = init_distributed(opts.model_parallel_size)
+        device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        opts.precision = opts.precision or ("bf16" if device.type == "cuda" else "fp32")
+
+        tokenizer_path = opts.tokenizer_path or (opts.pretrained_path[0] if opts.pretrained_path else None)
+        if tokenizer_path is None:
+            raise ValueError("no tokenizer: give --tokenizer_path (a sentencepiece tokenizer.model)")
+        tokenizer = Tokenizer(tokenizer_path)
+        args = model_config(opts, tokenizer)
+        if opts.data_config is None:
+            raise ValueError("no data: give --data_config (a YAML listing the sources, see data/quickstart.yaml)")
+        # the data before the model: a bad data file fails in seconds, not after a long build
+        max_words = min(opts.max_words, args.max_seq_len)
+        if max_words < opts.max_words and info.is_main:
+            log.info("max_words %d -> %d (the model's max_seq_len)", opts.max_words, max_words)
+        dataset = InstructionDataset(load_data_config(opts.data_config), tokenizer.path, max_words=max_words,
+                                     seed=opts.seed, strict=opts.strict_data)  # fmt: skip
+
+        output_dir = Path(opts.output_dir)
+        cfg = config_from(opts, output_dir=output_dir)
+
+        # the model: base checkpoints, then the checkpoint to resume from (its trainable or full tensors win)
+        resume = resolve_resume(opts.resume, output_dir) if opts.resume else None
+        checkpoints = [Path(p) for p in opts.pretrained_path] + ([resume] if resume else [])
+        peft = _is_peft(args)
+        dtype = torch.float32 if opts.precision == "fp32" or not peft else PRECISIONS[opts.precision]
+        quant = None if opts.quant == "none" else opts.quant
+        if quant and not peft:
+            raise ValueError(
+                f"--quant {quant} freezes the base, and the config adds no adapters to train: add a LoRA config "
+                "(--llama_config ... configs/lora_r16.json) or fine-tune fully with --quant none"
+            )
+        if quant and cfg.data_parallel == "fsdp":
+            raise ValueError(
+                "--data_parallel fsdp cannot shard quantized weights: a quantized base is frozen and built on every "
+                "rank, so use --data_parallel ddp (only the adapters are synchronized), or --quant none"
+            )
+        model, _ = build_model(args, checkpoints, quant=quant, dtype=dtype, device=device, seed=opts.seed)  # logs it
+        trainer = Trainer(model, args, dataset, cfg, device=device, base_checkpoints=opts.pretrained_path)
+        if info.is_main:
+            trainable = sum(p.numel() for p in trainer.module.parameters() if p.requires_grad)
+            log.info("%d examples, %d optimizer steps (%d per epoch), %s trainable parameters per rank, dp %d x mp %d",
+                     len(dataset), trainer.total_iters, trainer.steps_per_epoch, f"{trainable:,}",
+                     info.data_parallel_size, info.model_parallel_size)  # fmt: skip
+        if resume:
+            trainer.resume(resume)
+        losses = trainer.fit()
+        final = trainer.save_final(output_dir / "final", tokenizer.path)
+        if info.is_main:
+            what = "trainable tensors" if cfg.only_save_trainable else "full model"
+            print(f"fine-tuned {what} written to {final} (+ tokenizer.model, params.json)")
+            if losses:
+                print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
+            bases = " ".join(str(p) for p in opts.pretrained_path)
+            print(f"load it with build_model(None, [{', '.join(repr(p) for p in [*opts.pretrained_path, str(final)])}]"
+                  f"{', quant=' + repr(quant) if quant else ''})")  # fmt: skip
+            if quickstart:
+                print(f'chat: python demo.py --prompt "What is the opposite of hot?"   (base {bases}, delta {final})')
+        return FinetuneResult(final, losses, trainer.module, args, checkpoints)
+    finally:
+        if own_mp and fs_mp.model_parallel_is_initialized():
+            fs_mp.destroy_model_parallel()
+        if own_pg and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, KeyError) as e:  # configuration mistakes: the message, not a traceback
+        if os.environ.get("LAZYLLAMA_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

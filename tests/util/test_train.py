@@ -1,0 +1,158 @@
+"""The training loop's parts: optimizer groups, clipping, activation checkpointing, precisions, checkpoint files.
+(Two-process behaviour - DDP, FSDP, model parallel, resume - is in tests/test_main_finetune.py.)"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from model.build import build_model
+from tests.finetune_env import TOKENS, make_env
+from tests.helpers import tiny_args
+from util.data import InstructionDataset, load_data_config
+from util.train import (
+    TrainConfig,
+    Trainer,
+    _rng_state,
+    _set_rng_state,
+    clip_grad_norm_,
+    enable_activation_checkpointing,
+    list_checkpoints,
+    param_groups,
+    publish_dir,
+    resolve_resume,
+    shard_dims_of,
+)
+
+LORA = dict(lora_rank=4, lora_alpha=8.0)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return make_env(tmp_path_factory.mktemp("train_env"))
+
+
+def _model(env, quant="4bit", **overrides):
+    args = tiny_args(vocab_size=384, **{**LORA, **overrides})
+    return build_model(args, [env.base], quant=quant, dtype=torch.float32)[0]
+
+
+def test_weight_decay_only_on_matrices(env):
+    model = _model(env, quant=None, bias_tuning=True, norm_tuning=True)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)].rsplit(".", 1)[-1] for p in decay["params"]} == {"lora_a", "lora_b"}
+    assert {names[id(p)].rsplit(".", 2)[-2] for p in no_decay["params"]} >= {"bias_tune", "ffn_norm", "norm"}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters.*lora_r16.json"):
+        param_groups(model, 0.1)
+
+
+def _loss_and_grads(model):
+    model.zero_grad()
+    logits = model(TOKENS)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), TOKENS[:, 1:].flatten())
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(env):
+    model = _model(env)
+    with torch.no_grad():  # non-zero B, so every LoRA tensor gets a gradient
+        for n, p in model.named_parameters():
+            if n.endswith("lora_b"):
+                p.normal_(0, 0.02)
+    keys = list(model.state_dict())
+    loss, grads = _loss_and_grads(model)
+    assert enable_activation_checkpointing(model) == 2
+    assert enable_activation_checkpointing(model) == 0  # idempotent
+    assert list(model.state_dict()) == keys  # names (and so checkpoints) unchanged
+    loss_ckpt, grads_ckpt = _loss_and_grads(model)
+    assert torch.equal(loss, loss_ckpt)
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-6, atol=1e-7)
+
+
+def test_clip_grad_norm_matches_torch_on_one_process(env):
+    model = _model(env, quant=None, lora_rank=0)  # full fine-tuning: every parameter has a gradient
+    _, grads = _loss_and_grads(model)
+    ours = clip_grad_norm_(shard_dims_of(model), 0.05)
+    ours_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.grad = grads[n].clone()
+    theirs = torch.nn.utils.clip_grad_norm_(list(model.parameters()), 0.05)
+    assert ours == pytest.approx(float(theirs), rel=1e-6) and ours > 0.05
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(ours_grads[n], p.grad, rtol=1e-5, atol=1e-8)
+    assert clip_grad_norm_(shard_dims_of(model), 0.0) == pytest.approx(0.05, rel=1e-4)  # 0: measure only
+
+
+def test_rng_states_round_trip_through_weights_only_load(tmp_path):
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    torch.save(_rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    _set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+def test_publish_and_list_checkpoints(tmp_path):
+    (tmp_path / "checkpoint-0000010").mkdir()
+    (tmp_path / "checkpoint-0000002").mkdir()
+    (tmp_path / ".tmp-checkpoint-0000011").mkdir()  # an interrupted save: not a checkpoint
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-0000002", "checkpoint-0000010"]
+    new = tmp_path / ".tmp-x"
+    new.mkdir()
+    (new / "a").write_text("new")
+    old = tmp_path / "final"
+    old.mkdir()
+    (old / "a").write_text("old")
+    (old / "stale").write_text("gone after the replace")
+    publish_dir(new, old)
+    assert sorted(p.name for p in old.iterdir()) == ["a"] and (old / "a").read_text() == "new" and not new.exists()
+    assert not list(tmp_path.glob(".old-*"))
+    with pytest.raises(FileNotFoundError, match="not a training checkpoint"):
+        resolve_resume(tmp_path / "checkpoint-0000010", tmp_path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint-"):
+        resolve_resume("latest", tmp_path / "empty")
+
+
+def _trainer(env, tmp_path, **cfg):
+    model = _model(env)
+    dataset = InstructionDataset(load_data_config(env.data_config), env.tokenizer, max_words=64, seed=0)
+    config = TrainConfig(output_dir=tmp_path, batch_size=2, lr=1e-2, **{"tensorboard": False, **cfg})
+    return Trainer(model, model.args, dataset, config)
+
+
+def test_keep_last_and_epoch_checkpoints(env, tmp_path):
+    trainer = _trainer(env, tmp_path, max_iters=7, accum_iter=2, save_iteration_interval=3, save_interval=1,
+                       keep_last=2, tensorboard=True)  # fmt: skip
+    assert len(trainer.dataset) == 16 and trainer.steps_per_epoch == 4  # 2 x 2 examples per step
+    trainer.fit()
+    # saved at 3, 4 (end of epoch 0), 6; the newest two kept
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-0000004", "checkpoint-0000006"]
+    state = torch.load(tmp_path / "checkpoint-0000004" / "train_state.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"], state["sampler"]["position"]) == (0, 4, 16)
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [e["iteration"] for e in logged] == list(range(1, 8))
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_bytes"} <= logged[0].keys()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_trains_close_to_fp32(env, tmp_path, precision):
+    losses = {}
+    for p in ("fp32", precision):
+        trainer = _trainer(env, tmp_path / p, max_iters=2, precision=p, save_interval=0, save_iteration_interval=2)
+        losses[p] = trainer.fit()
+    assert all(np.isfinite(losses[precision]))
+    assert losses[precision] == pytest.approx(losses["fp32"], rel=0.05)
+    state = torch.load(tmp_path / precision / "checkpoint-0000002" / "train_state.pt", weights_only=True)
+    assert bool(state["scaler"]) == (precision == "fp16")  # the loss scale is part of the checkpoint

@@ -1,0 +1,397 @@
+"""Instruction data for fine-tuning: Alpaca-style and multi-turn conversation JSON, mixed per a YAML config.
+
+    sources:                                   # data config (--data_config)
+      - {path: alpaca_tiny.json, type: alpaca, ratio: 1.0}
+      - {path: conversations_tiny.json, type: conversation, ratio: 0.5}
+
+- alpaca: a JSON list (or JSON lines) of {"instruction": str, "input": str (optional), "output": str}
+- conversation: a list of {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}, ...]}
+
+Prompts come from util.templates (the chat demo uses the same ones). Only response tokens are in the loss:
+labels are -100 elsewhere. Every record is validated when its file is loaded; a bad record (missing field,
+wrong type, empty text) is reported with its file and index and skipped, or rejected with strict=True, so a
+run never stops mid-epoch on bad data. Tokenization is lazy (per item, in the DataLoader workers).
+
+`ResumableDistributedSampler` shards a seeded per-epoch permutation by data-parallel rank (model-parallel
+ranks of one data-parallel group see the same samples) and resumes mid-epoch from (epoch, position).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+
+from model.tokenizer import Tokenizer
+from util.templates import ALPACA_HEADER, ALPACA_HEADER_INPUT, CHAT_HEADER, alpaca_prompt, chat_segments
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+DATA_TYPES = ("alpaca", "conversation")
+_SOURCE_KEYS = {"path", "type", "ratio"}
+_CONFIG_EXAMPLE = "sources:\n  - {path: data/alpaca_tiny.json, type: alpaca, ratio: 1.0}"
+_MAX_LISTED = 10
+
+Segments = list[tuple[str, bool]]  # (text, is_response)
+
+
+class DataError(ValueError):
+    """Bad data or data config; the message names the file (and record) and how to fix it."""
+
+
+@dataclass(frozen=True)
+class DataSource:
+    path: Path
+    type: str  # one of DATA_TYPES
+    ratio: float = 1.0  # records per epoch = round(ratio * valid records)
+
+
+def load_data_config(path: str | Path) -> list[DataSource]:
+    """Read and validate a YAML data config. Source paths are relative to the YAML's directory, or else to the
+    working directory."""
+    cfg_path = Path(path)
+    if not cfg_path.is_file():
+        raise DataError(f"data config not found: {cfg_path} (expected a YAML file like:\n{_CONFIG_EXAMPLE})")
+    try:
+        cfg = yaml.safe_load(cfg_path.read_text())
+    except yaml.YAMLError as e:
+        raise DataError(f"{cfg_path}: not valid YAML ({e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("sources"), list) or not cfg["sources"]:
+        raise DataError(f"{cfg_path}: expected a mapping with a non-empty 'sources' list, like:\n{_CONFIG_EXAMPLE}")
+    sources = []
+    for i, entry in enumerate(cfg["sources"]):
+        where = f"{cfg_path}: sources[{i}]"
+        if not isinstance(entry, dict):
+            raise DataError(f"{where}: expected a mapping with path, type and ratio, got {entry!r}")
+        unknown = sorted(set(entry) - _SOURCE_KEYS)
+        if unknown:
+            raise DataError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(_SOURCE_KEYS)}")
+        if not isinstance(entry.get("path"), str) or not entry["path"]:
+            raise DataError(f"{where}: 'path' (a JSON file) is missing")
+        if entry.get("type") not in DATA_TYPES:
+            raise DataError(f"{where}: type {entry.get('type')!r} is not one of {list(DATA_TYPES)}")
+        ratio = entry.get("ratio", 1.0)
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
+            raise DataError(f"{where}: ratio must be a number > 0, got {ratio!r}")
+        raw = Path(entry["path"])
+        candidates = [raw] if raw.is_absolute() else [cfg_path.parent / raw, Path.cwd() / raw]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise DataError(
+                f"{where}: data file {entry['path']!r} not found (looked for {', '.join(map(str, candidates))}); "
+                "fix the path in the config"
+            )
+        sources.append(DataSource(found, entry["type"], float(ratio)))
+    return sources
+
+
+# ----------------------------------------------------------------------------------------------------
+# Records -> prompt/response segments
+# ----------------------------------------------------------------------------------------------------
+
+
+def _text_field(rec: dict, key: str, *, required: bool = True) -> str | None:
+    """The field's text, or raises ValueError with the reason the record is bad."""
+    if key not in rec or (not required and rec[key] is None):
+        if required:
+            raise ValueError(f"missing field {key!r}")
+        return None
+    value = rec[key]
+    if not isinstance(value, str):
+        raise ValueError(f"field {key!r} must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise ValueError(f"field {key!r} is empty")
+    return value
+
+
+def alpaca_segments(rec: Any) -> Segments:
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected an object with instruction/input/output, got {type(rec).__name__}")
+    instruction, output = _text_field(rec, "instruction"), _text_field(rec, "output")
+    return [(alpaca_prompt(instruction, _text_field(rec, "input", required=False)), False), (output, True)]
+
+
+def conversation_segments(rec: Any) -> Segments:
+    if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
+        raise ValueError('expected an object with a "conversations" list')
+    turns: list[tuple[str, str]] = []
+    human: str | None = None
+    for j, msg in enumerate(rec["conversations"]):
+        if not isinstance(msg, dict):
+            raise ValueError(f"conversations[{j}] is not an object with from/value")
+        speaker = msg.get("from")
+        if speaker not in ("human", "gpt"):
+            raise ValueError(f'conversations[{j}]: "from" must be "human" or "gpt", got {speaker!r}')
+        try:
+            value = _text_field(msg, "value")
+        except ValueError as e:
+            raise ValueError(f"conversations[{j}]: {e}") from None
+        expected = "human" if human is None else "gpt"
+        if speaker != expected:
+            raise ValueError(f"conversations[{j}]: expected a {expected} turn (turns alternate, human first)")
+        if human is None:
+            human = value
+        else:
+            turns.append((human, value))
+            human = None
+    if not turns:  # a trailing unanswered human turn is dropped; nothing answered at all is unusable
+        raise ValueError("no answered human turn (nothing to learn)")
+    return chat_segments(turns)
+
+
+def plain_segments(segments: Segments) -> Segments:
+    """The record's own words without the prompt template, all of it as text to learn (base pre-training)."""
+    return [("\n".join(_template_free(text) for text, _ in segments).strip(), True)]
+
+
+def _template_free(text: str) -> str:
+    for marker in ("### Instruction:\n", "### Input:\n", "### Response:\n", "### Human: ", "### Assistant: "):
+        text = text.replace(marker, "")
+    for header in (ALPACA_HEADER, ALPACA_HEADER_INPUT, CHAT_HEADER):
+        text = text.replace(header, "")
+    return " ".join(text.split())
+
+
+_SEGMENTERS = {"alpaca": alpaca_segments, "conversation": conversation_segments}
+
+
+@dataclass
+class _BadJson:
+    reason: str
+
+
+def _read_json_records(path: Path) -> list[tuple[str, Any]]:
+    """(location, record) pairs of a .json list or a .jsonl file; unreadable JSON is a DataError naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"data file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    if path.suffix == ".jsonl":
+        out = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                out.append((f"line {lineno}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                out.append((f"line {lineno}", _BadJson(f"not valid JSON ({e.msg} at column {e.colno})")))
+        return out
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); expected a list of records"
+        ) from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records, got a {type(data).__name__}")
+    return [(f"[{i}]", rec) for i, rec in enumerate(data)]
+
+
+def read_source(source: DataSource, *, strict: bool = False) -> list[Segments]:
+    """The valid records of one source as segments. Bad records are logged (file and index) and skipped, or
+    raise a DataError listing them when strict."""
+    segmenter = _SEGMENTERS[source.type]
+    records, problems = [], []
+    for where, rec in _read_json_records(source.path):
+        try:
+            if isinstance(rec, _BadJson):
+                raise ValueError(rec.reason)
+            records.append(segmenter(rec))
+        except ValueError as e:
+            problems.append(f"{where}: {e}")
+    total = len(records) + len(problems)
+    if problems:
+        listed = "; ".join(problems[:_MAX_LISTED]) + (f"; ... (+{len(problems) - _MAX_LISTED})" if
+                                                     len(problems) > _MAX_LISTED else "")  # fmt: skip
+        if strict:
+            raise DataError(
+                f"{source.path}: {len(problems)} of {total} {source.type} record(s) are bad: {listed}. Fix them, "
+                "or run without --strict_data to skip them"
+            )
+        log.warning("%s: skipped %d of %d bad %s record(s): %s", source.path, len(problems), total, source.type, listed)
+    if not records:
+        raise DataError(
+            f"{source.path}: no usable {source.type} records (of {total}); is the type right? "
+            f"{'expected ' + ('instruction/input/output objects' if source.type == 'alpaca' else 'conversations')}"
+        )
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenization and the dataset
+# ----------------------------------------------------------------------------------------------------
+
+
+def encode_segments(
+    segments: Segments, tokenizer: Tokenizer, max_words: int, *, train_on_prompt: bool = False
+) -> tuple[list[int], list[int]]:
+    """(tokens, labels): bos + segments + eos, truncated to max_words. Labels are the tokens of the response
+    segments and the final eos, IGNORE_INDEX elsewhere (everywhere but bos with train_on_prompt)."""
+    tokens, labels = [tokenizer.bos_id], [IGNORE_INDEX]
+    for text, is_response in segments:
+        ids = tokenizer.encode(text)
+        tokens += ids
+        labels += ids if is_response or train_on_prompt else [IGNORE_INDEX] * len(ids)
+    tokens.append(tokenizer.eos_id)
+    labels.append(tokenizer.eos_id)
+    return tokens[:max_words], labels[:max_words]
+
+
+class InstructionDataset(Dataset):
+    """The mixture of the configured sources; item i -> (tokens, labels) LongTensors (tokenized on access).
+
+    plain: the records' words without prompt templates, every token in the loss (to pre-train a base on).
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[DataSource],
+        tokenizer_path: str | Path,
+        *,
+        max_words: int,
+        seed: int = 0,
+        strict: bool = False,
+        train_on_prompt: bool = False,
+        plain: bool = False,
+    ) -> None:
+        if max_words < 2:
+            raise ValueError(f"max_words={max_words}: need at least 2 tokens per example")
+        self.tokenizer_path = Path(tokenizer_path)
+        self.max_words, self.train_on_prompt = max_words, train_on_prompt
+        self._tokenizer: Tokenizer | None = None
+        self.items: list[Segments] = []
+        self.counts: dict[str, int] = {}
+        for i, source in enumerate(sources):
+            records = read_source(source, strict=strict)
+            if plain:
+                records = [plain_segments(r) for r in records]
+            # ratio: whole repeats plus a seeded subset (the same on every rank: seeded by config order only)
+            n = max(1, round(source.ratio * len(records)))
+            rng = random.Random(f"{seed}/{i}")
+            chosen = list(range(len(records))) * (n // len(records)) + rng.sample(range(len(records)), n % len(records))
+            self.items += [records[j] for j in chosen]
+            self.counts[str(source.path)] = n
+        self.tokenizer  # noqa: B018 - fail now (missing or bad tokenizer), not in a DataLoader worker
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer(self.tokenizer_path)
+        return self._tokenizer
+
+    def __getstate__(self) -> dict:  # DataLoader workers reload the sentencepiece model from its path
+        return {**self.__dict__, "_tokenizer": None}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, labels = encode_segments(
+            self.items[i], self.tokenizer, self.max_words, train_on_prompt=self.train_on_prompt
+        )
+        return torch.tensor(tokens), torch.tensor(labels)
+
+
+def source_texts(sources: Sequence[DataSource]) -> list[str]:
+    """Every valid record's full text (prompt and answer), e.g. to train a tokenizer on."""
+    return ["".join(text for text, _ in segments) for source in sources for segments in read_source(source)]
+
+
+def collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest example (causal attention: padding after the text changes nothing before it)."""
+    length = max(t.numel() for t, _ in batch)
+    tokens = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+    for i, (t, lab) in enumerate(batch):
+        tokens[i, : t.numel()], labels[i, : lab.numel()] = t, lab
+    return tokens, labels
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------------
+
+
+class ResumableDistributedSampler(Sampler[int]):
+    """A seeded permutation per epoch, padded by wrapping to a multiple of `world_size` and dealt out by `rank`
+    (the data-parallel rank), resumable mid-epoch.
+
+    State: (epoch, position), position = samples of this epoch this rank has consumed. The DataLoader may read
+    ahead, so the training loop reports consumption with `advance()`; iterating starts at `position`.
+    """
+
+    def __init__(self, num_samples: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
+        if num_samples <= 0:
+            raise ValueError("the dataset is empty")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
+        self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.position = 0, 0
+
+    @property
+    def per_rank(self) -> int:
+        return math.ceil(self.num_samples / self.world_size)
+
+    def indices(self, epoch: int) -> list[int]:
+        if self.shuffle:
+            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
+            order = order.tolist()
+        else:
+            order = list(range(self.num_samples))
+        total = self.per_rank * self.world_size
+        order = (order * math.ceil(total / len(order)))[:total]
+        return order[self.rank :: self.world_size]
+
+    def set_epoch(self, epoch: int, position: int = 0) -> None:
+        if not 0 <= position <= self.per_rank:
+            raise ValueError(f"position={position} is outside this epoch's {self.per_rank} samples per rank")
+        self.epoch, self.position = epoch, position
+
+    def advance(self, n: int) -> None:
+        self.position += n
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices(self.epoch)[self.position :])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.position
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "epoch": self.epoch, "position": self.position, "num_samples": self.num_samples,
+            "world_size": self.world_size, "seed": self.seed,
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key in ("num_samples", "world_size", "seed"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"cannot resume the data order: the checkpoint has {key}={state[key]}, this run "
+                    f"{getattr(self, key)}; resume with the same data config, seed and number of data-parallel ranks"
+                )
+        self.set_epoch(state["epoch"], state["position"])
+
+
+def make_loader(
+    dataset: Dataset, sampler: ResumableDistributedSampler, *, batch_size: int, num_workers: int = 0, seed: int = 0
+) -> DataLoader:
+    """Whole batches only (every data-parallel rank takes the same number of steps). The loader has its own
+    generator, so creating an iterator does not draw from the global RNG (resumed runs stay identical)."""
+    return DataLoader(
+        dataset, batch_sampler=BatchSampler(sampler, batch_size, drop_last=True), collate_fn=collate,
+        num_workers=num_workers, generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False, pin_memory=torch.cuda.is_available(),
+    )  # fmt: skip

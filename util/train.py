@@ -1,0 +1,758 @@
+"""The fine-tuning loop: data parallel x model parallel, mixed precision, accumulation, clipping, checkpoints.
+
+    trainer = Trainer(model, args, dataset, TrainConfig(...), base_checkpoints=[base])
+    trainer.resume(checkpoint_dir)          # optional: optimizer, schedule, RNG and data position
+    losses = trainer.fit()
+    trainer.save_final(output_dir / "final", tokenizer_path)
+
+Data parallel: every rank holds its own copy of the frozen (possibly quantized) base, built from the real
+weights by build_model, so only trainable parameters are synchronized: DDP over fairscale's data-parallel group
+(frozen parameters and buffers are not registered with DDP at all), or FSDP2 (`fully_shard` per transformer
+block) for full fine-tuning of unquantized models. Model parallel: fairscale's groups; grad-norm clipping sums
+the squares of model-parallel-split parameters across the model-parallel group and counts replicated ones once
+(modules declare `shard_dims`).
+
+Checkpoints (`<output_dir>/checkpoint-NNNNNNN/`): the model (trainable-only or full, this project's format) +
+optimizer state + schedule position + RNG states (torch, python, numpy, CUDA; per rank) + the sampler's
+(epoch, position). Written into a hidden temp directory and published with one rename, so a crash mid-save
+leaves the previous checkpoint intact. Loaded with torch.load(weights_only=True) only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from fairscale.nn.model_parallel import initialize as fs_mp
+from torch import nn
+from tqdm import tqdm
+
+from model.args import ModelArgs
+from util import memory
+from util.checkpoint import model_state, save_checkpoint
+from util.data import IGNORE_INDEX, InstructionDataset, ResumableDistributedSampler, make_loader
+from util.lr_sched import lr_at, set_lr
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+_CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
+TRAIN_STATE = "train_state.pt"
+# Test hook: "ITERATION:SECONDS" pauses the save of that iteration's checkpoint after its model files are
+# written and before it is published, so a test can kill the process mid-save.
+SAVE_PAUSE_ENV = "LAZYLLAMA_SAVE_PAUSE"
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    output_dir: Path
+    batch_size: int = 4  # per data-parallel rank, per micro-step
+    accum_iter: int = 1  # micro-steps per optimizer step
+    lr: float = 1e-4  # peak learning rate (after warmup)
+    min_lr: float = 0.0  # cosine floor
+    weight_decay: float = 0.02  # AdamW; never on norms, biases, gates (1-D parameters)
+    warmup_iters: int | None = None  # linear warmup, in optimizer steps (wins over warmup_epochs)
+    warmup_epochs: float = 0.0
+    epochs: int = 1
+    max_iters: int | None = None  # optimizer steps in all; wins over epochs
+    clip_grad: float = 0.0  # max global grad norm (<= 0: no clipping; the norm is still logged)
+    precision: str = "fp32"  # autocast dtype: bf16 | fp16 (with a GradScaler) | fp32
+    data_parallel: str = "ddp"  # ddp | fsdp
+    checkpointing: bool = False  # activation checkpointing per TransformerBlock
+    save_interval: int = 1  # checkpoint every N epochs (0: never)
+    save_iteration_interval: int = 0  # checkpoint every N optimizer steps (0: never)
+    only_save_trainable: bool = True  # checkpoints and final hold only the trainable tensors
+    keep_last: int = 0  # keep the newest K checkpoints (0: keep all)
+    seed: int = 0
+    num_workers: int = 0
+    log_interval: int = 1  # JSON-lines / TensorBoard every N optimizer steps
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        self.output_dir = Path(self.output_dir)
+        problems = []
+        if self.batch_size < 1 or self.accum_iter < 1:
+            problems.append(f"batch_size={self.batch_size} and accum_iter={self.accum_iter} must be >= 1")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision={self.precision!r} is not one of {sorted(PRECISIONS)}")
+        if self.data_parallel not in ("ddp", "fsdp"):
+            problems.append(f"data_parallel={self.data_parallel!r} is not 'ddp' or 'fsdp'")
+        if self.max_iters is None and self.epochs < 1:
+            problems.append(f"epochs={self.epochs}: train at least one epoch, or give max_iters")
+        if self.max_iters is not None and self.max_iters < 1:
+            problems.append(f"max_iters={self.max_iters} must be >= 1")
+        if problems:
+            raise ValueError("invalid training config: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building blocks (each usable on its own)
+# ----------------------------------------------------------------------------------------------------
+
+
+def dp_group() -> dist.ProcessGroup | None:
+    return fs_mp.get_data_parallel_group() if fs_mp.model_parallel_is_initialized() else None
+
+
+def mp_group() -> dist.ProcessGroup | None:
+    return fs_mp.get_model_parallel_group() if fs_mp.model_parallel_is_initialized() else None
+
+
+def _size(group: dist.ProcessGroup | None) -> int:
+    return dist.get_world_size(group) if group is not None else 1
+
+
+def _rank(group: dist.ProcessGroup | None) -> int:
+    return dist.get_rank(group) if group is not None else 0
+
+
+def _barrier() -> None:
+    # Only once the model-parallel groups exist: before that (the quickstart's preparation on rank 0) the other
+    # ranks wait in a barrier of their own, which this one must not pair with.
+    if fs_mp.model_parallel_is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def upcast_trainable_(model: nn.Module) -> int:
+    """Trainable parameters become fp32 master weights (AdamW on bf16 weights loses small updates); the frozen
+    base keeps its dtype. Autocast computes in the precision asked for. Returns the count changed."""
+    changed = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+            changed += 1
+    return changed
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices (LoRA A/B, adapter prompts, linear weights, embeddings); none on
+    norms, biases, gates and other 1-D parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError(
+            "no trainable parameters: the config adds no adapters (lora_rank, adapter_len, bias_tuning, "
+            "norm_tuning) and the base is quantized; add a LoRA config (e.g. --llama_config configs/lora_r16.json)"
+        )
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def shard_dims_of(model: nn.Module) -> list[tuple[nn.Parameter, int | None]]:
+    """(parameter, model-parallel split dim or None) for every trainable parameter, from the modules' shard_dims."""
+    out, seen = [], set()
+    for module in model.modules():
+        dims = getattr(module, "shard_dims", {})
+        for name, p in module._parameters.items():
+            if p is None or not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            out.append((p, dims.get(name)))
+    return out
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # DTensor (FSDP2): this rank's shard
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    params: Sequence[tuple[nn.Parameter, int | None]],
+    max_norm: float,
+    *,
+    mp: dist.ProcessGroup | None = None,
+    dp_sharded: dist.ProcessGroup | None = None,
+) -> float:
+    """Global L2 norm of the gradients of a model-parallel (and possibly FSDP-sharded) model; scales them to
+    max_norm when larger (max_norm <= 0: only measures).
+
+    Split parameters (shard dim not None) hold different slices on each model-parallel rank: their squares are
+    summed across `mp`. Replicated ones hold the same gradient on every model-parallel rank: counted once.
+    `dp_sharded`: the group FSDP shards every parameter across (its squares are summed there first).
+    """
+    device = next((p.grad.device for p, _ in params if p.grad is not None), torch.device("cpu"))
+    split = torch.zeros((), dtype=torch.float64, device=device)
+    replicated = torch.zeros((), dtype=torch.float64, device=device)
+    mp_size = _size(mp)
+    grads = []
+    for p, dim in params:
+        if p.grad is None:
+            continue
+        g = _local(p.grad)
+        grads.append(g)
+        sq = torch.linalg.vector_norm(g, 2, dtype=torch.float32).double() ** 2
+        if dim is not None and mp_size > 1:
+            split += sq
+        else:
+            replicated += sq
+    if dp_sharded is not None and _size(dp_sharded) > 1:
+        both = torch.stack([split, replicated])
+        dist.all_reduce(both, group=dp_sharded)
+        split, replicated = both[0], both[1]
+    if mp_size > 1:
+        dist.all_reduce(split, group=mp)
+    total = float((split + replicated).sqrt())
+    if max_norm > 0 and total > max_norm:
+        coef = max_norm / (total + 1e-6)
+        for g in grads:
+            g.mul_(coef)
+    return total
+
+
+def _checkpointed(forward, *args, **kwargs):
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute each TransformerBlock's activations in backward (non-reentrant torch.utils.checkpoint).
+
+    The block's forward is wrapped in place, so parameter names and checkpoints are unchanged. Returns the count.
+    """
+    from model.llama import TransformerBlock
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, TransformerBlock) and not isinstance(module.forward, functools.partial):
+            module.forward = functools.partial(_checkpointed, module.forward)
+            count += 1
+    return count
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def wrap_ddp(model: nn.Module, group: dist.ProcessGroup | None, device: torch.device) -> nn.Module:
+    """DDP over the data-parallel group for the trainable parameters only: frozen (quantized) weights and
+    buffers are not broadcast at start and take no part in gradient synchronization."""
+    ignored = [n for n, p in model.named_parameters() if not p.requires_grad]
+    ignored += [n for n, _ in model.named_buffers()]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    return nn.parallel.DistributedDataParallel(
+        model, process_group=group, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=False,
+    )  # fmt: skip
+
+
+def wrap_fsdp(model: nn.Module, group: dist.ProcessGroup | None, device: torch.device) -> nn.Module:
+    """FSDP2: every TransformerBlock, then the root, sharded across the data-parallel group."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    from model.llama import TransformerBlock
+
+    quantized = [n for n, p in model.named_parameters() if not p.dtype.is_floating_point]
+    if quantized:
+        raise ValueError(
+            f"--data_parallel fsdp cannot shard quantized weights ({quantized[0]}, ...): a quantized base is "
+            "frozen and built on every rank, so use --data_parallel ddp (only the adapters are synchronized)"
+        )
+    mesh = DeviceMesh.from_group(group or dist.group.WORLD, device_type=device.type)
+    for module in model.modules():
+        if isinstance(module, TransformerBlock):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross entropies over labelled positions, number of them)."""
+    targets = labels[:, 1:].reshape(-1)
+    loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoint files
+# ----------------------------------------------------------------------------------------------------
+
+
+def _save_pt(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _load_pt(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete or from another world size")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Make `tmp` appear as `final` in one rename (replacing an older `final`)."""
+    for f in tmp.iterdir():  # file contents durable before the rename that publishes them
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Published checkpoints, oldest first (temp directories of interrupted saves are hidden and skipped)."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CHECKPOINT_RE.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume: str | Path, output_dir: Path) -> Path:
+    """`resume` as a checkpoint directory; "latest" is the newest published one in output_dir."""
+    if str(resume) == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume latest: no {CHECKPOINT_PREFIX}* directory in {output_dir}")
+        return found[-1]
+    path = Path(resume)
+    if not (path / TRAIN_STATE).is_file():
+        raise FileNotFoundError(
+            f"--resume {path}: not a training checkpoint (no {TRAIN_STATE}); pass a {CHECKPOINT_PREFIX}NNNNNNN "
+            "directory written by main_finetune.py, or 'latest'"
+        )
+    return path
+
+
+def _rng_state() -> dict[str, Any]:
+    """RNG states as tensors and plain types, so torch.load(weights_only=True) reads them back."""
+    version, mt, gauss = random.getstate()
+    npstate = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": {"version": version, "state": list(mt), "gauss": gauss},
+        "numpy": {
+            "bit_generator": npstate["bit_generator"],
+            "key": torch.from_numpy(npstate["state"]["key"].astype(np.int64)), "pos": int(npstate["state"]["pos"]),
+            "has_gauss": int(npstate["has_gauss"]), "gauss": float(npstate["gauss"]),
+        },
+    }  # fmt: skip
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state(
+        {"bit_generator": n["bit_generator"], "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+         "has_gauss": n["has_gauss"], "gauss": n["gauss"]}
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        args: ModelArgs,
+        dataset: InstructionDataset,
+        cfg: TrainConfig,
+        *,
+        device: torch.device | str = "cpu",
+        base_checkpoints: Sequence[str | Path] = (),
+    ) -> None:
+        self.args, self.cfg, self.device = args, cfg, torch.device(device)
+        self.base_checkpoints = [str(p) for p in base_checkpoints]
+        self.dp, self.mp = dp_group(), mp_group()
+        self.dp_rank, self.dp_size = _rank(self.dp), _size(self.dp)
+        self.mp_rank, self.mp_size = _rank(self.mp), _size(self.mp)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.is_main = self.rank == 0
+        self.quantized = any(not p.dtype.is_floating_point for p in model.parameters())
+        if self.quantized and not cfg.only_save_trainable:
+            log.info("quantized base: checkpoints hold the trainable tensors only (the base stays in its checkpoint)")
+            cfg.only_save_trainable = True
+
+        # model: fp32 master weights, activation checkpointing, then the data-parallel wrapper
+        upcast_trainable_(model)
+        if cfg.checkpointing:
+            enable_activation_checkpointing(model)
+        if cfg.data_parallel == "fsdp":
+            self.model = wrap_fsdp(model, self.dp, self.device)
+        elif self.dp_size > 1:
+            self.model = wrap_ddp(model, self.dp, self.device)
+        else:
+            self.model = model
+        self.module = unwrap(self.model)
+        self.fsdp = cfg.data_parallel == "fsdp"
+
+        self.optimizer = torch.optim.AdamW(param_groups(self.module, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+        self.params = shard_dims_of(self.module)
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
+
+        # data: whole optimizer steps per epoch on every data-parallel rank
+        self.dataset = dataset
+        self.sampler = ResumableDistributedSampler(
+            len(dataset), rank=self.dp_rank, world_size=self.dp_size, seed=cfg.seed
+        )
+        self.loader = make_loader(
+            dataset, self.sampler, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed
+        )
+        self.steps_per_epoch = self.sampler.per_rank // (cfg.batch_size * cfg.accum_iter)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(dataset)} examples over {self.dp_size} data-parallel rank(s) do not fill one optimizer step "
+                f"of batch_size {cfg.batch_size} x accum_iter {cfg.accum_iter}; use a smaller batch or more data"
+            )
+        self.total_iters = cfg.max_iters or cfg.epochs * self.steps_per_epoch
+        self.warmup_iters = (
+            cfg.warmup_iters if cfg.warmup_iters is not None else round(cfg.warmup_epochs * self.steps_per_epoch)
+        )
+        self.iteration = 0  # optimizer steps done
+        self.epoch, self.step_in_epoch = 0, 0
+        self.losses: list[float] = []
+        self._last_saved: int | None = None
+        self.empty_examples = 0  # examples whose response was cut away by max_words (reported per epoch)
+        seed_everything(cfg.seed + self.dp_rank)  # dropout masks: equal across a data-parallel group's mp ranks
+
+    # --- state ----------------------------------------------------------------------------------------
+    def resume(self, ckpt: str | Path) -> None:
+        """Continue from a checkpoint whose model tensors build_model already loaded: optimizer, schedule
+        position, data position and RNG states."""
+        ckpt = Path(ckpt)
+        state = _load_pt(ckpt / TRAIN_STATE)
+        if state["data_parallel_size"] != self.dp_size or state["model_parallel_size"] != self.mp_size:
+            raise ValueError(
+                f"{ckpt} was saved with data parallel {state['data_parallel_size']} x model parallel "
+                f"{state['model_parallel_size']}; this run has {self.dp_size} x {self.mp_size}. Resume with the same "
+                "layout (torchrun --nproc_per_node and --model_parallel_size) to continue the same data order"
+            )
+        if state["steps_per_epoch"] != self.steps_per_epoch:
+            raise ValueError(
+                f"{ckpt}: {state['steps_per_epoch']} steps per epoch when saved, {self.steps_per_epoch} now; resume "
+                "with the same data config, batch_size and accum_iter"
+            )
+        self.sampler.load_state_dict(state["sampler"])
+        self.iteration, self.epoch, self.step_in_epoch = state["iteration"], state["epoch"], state["step_in_epoch"]
+        self.losses = list(state["losses"])
+        self._last_saved = self.iteration
+        opt = _load_pt(ckpt / self._optimizer_file())
+        if self.fsdp:
+            self._fsdp_optimizer_state_in(opt)
+        else:
+            self.optimizer.load_state_dict(opt)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        rng_file = ckpt / f"rng.rank{self.rank:05d}.pt"
+        _set_rng_state(_load_pt(rng_file))
+        if self.is_main:
+            log.info("resumed from %s at iteration %d (epoch %d, step %d)", ckpt, self.iteration, self.epoch,
+                     self.step_in_epoch)  # fmt: skip
+
+    def _optimizer_file(self) -> str:
+        # DDP: the optimizer state is the same on every data-parallel rank; FSDP: each rank has its shard
+        return f"optimizer.rank{self.rank:05d}.pt" if self.fsdp else f"optimizer.mp{self.mp_rank:02d}.pt"
+
+    def _fsdp_optimizer_state_out(self) -> dict:
+        sd = self.optimizer.state_dict()
+        return {**sd, "state": {k: {n: _local(v) for n, v in s.items()} for k, s in sd["state"].items()}}
+
+    def _fsdp_optimizer_state_in(self, sd: dict) -> None:
+        from torch.distributed.tensor import DTensor
+
+        self.optimizer.load_state_dict(sd)
+        for p, state in self.optimizer.state.items():
+            if not isinstance(p, DTensor):
+                continue
+            for name, v in state.items():
+                if not isinstance(v, DTensor) and v.dim() > 0 and v.shape == p.to_local().shape:
+                    state[name] = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+
+    def _model_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, int | None]]:
+        tensors, dims = model_state(self.module, trainable_only=self.cfg.only_save_trainable)
+        if self.fsdp:  # gather the full (model-parallel local) tensors: a collective, same key order on all ranks
+            tensors = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in tensors.items()}
+        return tensors, dims
+
+    def _write_model(self, out: Path) -> None:
+        tensors, dims = self._model_tensors()
+        if self.dp_rank == 0:
+            save_checkpoint(
+                out, tensors, shard_dims=dims, rank=self.mp_rank, world_size=self.mp_size,
+                config=self.args.to_dict(), trainable_only=self.cfg.only_save_trainable,
+                extra={"base_checkpoints": self.base_checkpoints},
+            )  # fmt: skip
+
+    def save_checkpoint(self) -> Path:
+        """All ranks: write checkpoint-NNNNNNN atomically (temp dir, then one rename by rank 0)."""
+        out_dir = self.cfg.output_dir
+        final = out_dir / f"{CHECKPOINT_PREFIX}{self.iteration:07d}"
+        tmp = out_dir / f".tmp-{final.name}"
+        if self.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for stale in out_dir.glob(".tmp-*"):  # interrupted earlier saves
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        _barrier()
+        self._write_model(tmp)
+        self._pause_if_asked(tmp)
+        if self.fsdp:
+            _save_pt(self._fsdp_optimizer_state_out(), tmp / self._optimizer_file())
+        elif self.dp_rank == 0:
+            _save_pt(self.optimizer.state_dict(), tmp / self._optimizer_file())
+        _save_pt(_rng_state(), tmp / f"rng.rank{self.rank:05d}.pt")
+        if self.is_main:
+            _save_pt(
+                {
+                    "iteration": self.iteration, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                    "sampler": self.sampler.state_dict(), "losses": list(self.losses),
+                    "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                    "data_parallel_size": self.dp_size, "model_parallel_size": self.mp_size,
+                    "steps_per_epoch": self.steps_per_epoch, "total_iters": self.total_iters,
+                    "schedule": {"lr": self.cfg.lr, "min_lr": self.cfg.min_lr, "warmup_iters": self.warmup_iters},
+                },
+                tmp / TRAIN_STATE,
+            )  # fmt: skip
+        _barrier()
+        if self.is_main:
+            publish_dir(tmp, final)
+            if self.cfg.keep_last > 0:
+                for old in list_checkpoints(out_dir)[: -self.cfg.keep_last]:
+                    shutil.rmtree(old, ignore_errors=True)
+            log.info("saved %s", final)
+        _barrier()
+        self._last_saved = self.iteration
+        return final
+
+    def _pause_if_asked(self, tmp: Path) -> None:
+        spec = os.environ.get(SAVE_PAUSE_ENV)
+        if not spec or not self.is_main:
+            return
+        iteration, seconds = spec.split(":")
+        if int(iteration) == self.iteration:
+            print(f"pausing {seconds} s mid-save of {tmp} ({SAVE_PAUSE_ENV})", flush=True)
+            time.sleep(float(seconds))
+
+    def save_final(self, out: str | Path, tokenizer_path: str | Path | None = None) -> Path:
+        """All ranks: the trained model (trainable-only or full, with the full config in params.json, so
+        build_model(None, [*base_checkpoints, out]) rebuilds it) and the tokenizer next to it; atomic."""
+        out = Path(out)
+        tmp = out.with_name(f".tmp-{out.name}")
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        self._write_model(tmp)
+        _barrier()
+        if self.is_main:
+            if tokenizer_path is not None:
+                src = Path(tokenizer_path)
+                shutil.copyfile(src / "tokenizer.model" if src.is_dir() else src, tmp / "tokenizer.model")
+            publish_dir(tmp, out)
+        _barrier()
+        return out
+
+    # --- the loop -------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.cfg.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=PRECISIONS[self.cfg.precision])
+
+    def _sync_context(self, sync: bool):
+        """Gradient synchronization only on the last micro-step of an accumulation."""
+        if isinstance(self.model, nn.parallel.DistributedDataParallel) and not sync:
+            return self.model.no_sync()
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+    def _micro_step(self, tokens: torch.Tensor, labels: torch.Tensor, sync: bool, step_targets: int) -> float:
+        """Forward and backward of one micro-batch; returns its summed token loss. The loss is normalized by the
+        labelled tokens of the whole step (all micro-batches), so accumulation equals one large batch."""
+        tokens, labels = tokens.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        with self._sync_context(sync):
+            with self._autocast():
+                logits = self.model(tokens)
+            loss_sum, _ = token_loss(logits, labels)
+            loss = loss_sum / max(step_targets, 1)
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        return float(loss_sum.detach())
+
+    def _optimizer_step(self) -> tuple[float, float]:
+        lr = lr_at(self.iteration, lr=self.cfg.lr, min_lr=self.cfg.min_lr, warmup_iters=self.warmup_iters,
+                   total_iters=self.total_iters)  # fmt: skip
+        set_lr(self.optimizer, lr)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        norm = clip_grad_norm_(self.params, self.cfg.clip_grad, mp=self.mp, dp_sharded=self.dp if self.fsdp else None)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr, norm
+
+    def _sum_over_dp(self, values: list[float]) -> list[float]:
+        if self.dp_size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, group=self.dp)
+        return t.tolist()
+
+    def fit(self) -> list[float]:
+        """Train to total_iters; returns the loss of every optimizer step (mean over the labelled tokens of the
+        step on all data-parallel ranks)."""
+        cfg = self.cfg
+        self.model.train()
+        logger = _Logger(cfg, self.is_main, start=self.iteration)
+        bar = tqdm(total=self.total_iters, initial=self.iteration, disable=not self.is_main, desc="train",
+                   dynamic_ncols=True, file=sys.stderr)  # fmt: skip
+        memory.reset_peak_rss()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            while self.iteration < self.total_iters:
+                if self.step_in_epoch >= self.steps_per_epoch:
+                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                self.sampler.set_epoch(self.epoch, self.step_in_epoch * cfg.batch_size * cfg.accum_iter)
+                batches = iter(self.loader)
+                while self.step_in_epoch < self.steps_per_epoch and self.iteration < self.total_iters:
+                    self._train_step(batches, logger, bar)
+                    if cfg.save_iteration_interval and self.iteration % cfg.save_iteration_interval == 0:
+                        self.save_checkpoint()
+                epoch_done = self.step_in_epoch >= self.steps_per_epoch
+                if self.empty_examples:
+                    if self.is_main:
+                        log.warning("epoch %d: %d example(s) on rank 0 had no response token left after the cut to "
+                                    "max_words (they teach nothing); raise --max_words", self.epoch,
+                                    self.empty_examples)  # fmt: skip
+                    self.empty_examples = 0
+                epoch_save = epoch_done and cfg.save_interval and (self.epoch + 1) % cfg.save_interval == 0
+                if epoch_save and self._last_saved != self.iteration:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            logger.close()
+        return self.losses
+
+    def _train_step(self, batches: Iterator, logger: _Logger, bar: tqdm) -> None:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        micro_batches = [next(batches) for _ in range(cfg.accum_iter)]
+        self.sampler.advance(cfg.batch_size * cfg.accum_iter)
+        targets = [(labels[:, 1:] != IGNORE_INDEX).sum(1) for _, labels in micro_batches]
+        step_targets = int(sum(int(t.sum()) for t in targets))
+        self.empty_examples += sum(int((t == 0).sum()) for t in targets)
+        loss_sum = 0.0
+        for micro, (tokens, labels) in enumerate(micro_batches):
+            loss_sum += self._micro_step(tokens, labels, micro == cfg.accum_iter - 1, step_targets)
+        lr, norm = self._optimizer_step()
+        self.iteration += 1
+        self.step_in_epoch += 1
+        # the logged loss: mean over every labelled token of the step, on all data-parallel ranks
+        n_tokens = sum(t.numel() for t, _ in micro_batches)
+        loss_total, targets_total, tokens_total = self._sum_over_dp([loss_sum, float(step_targets), float(n_tokens)])
+        loss = loss_total / max(targets_total, 1.0)
+        self.losses.append(loss)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        tokens_per_s = tokens_total / dt  # tokens processed (padding included) by the data-parallel group
+        peak = memory.peak_device_memory(self.device) or memory.peak_rss_bytes()
+        if self.is_main:
+            bar.update(1)
+            bar.set_postfix_str(
+                f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s peak {memory.fmt_bytes(peak)}", refresh=False
+            )
+            if self.iteration % cfg.log_interval == 0 or self.iteration == self.total_iters:
+                logger.write(
+                    {"iteration": self.iteration, "epoch": self.epoch, "loss": loss, "lr": lr, "grad_norm": norm,
+                     "tokens_per_s": tokens_per_s, "peak_memory_bytes": peak, "time": time.time()}
+                )  # fmt: skip
+
+
+class _Logger:
+    """JSON lines (<output_dir>/log.jsonl) and TensorBoard (<output_dir>/tensorboard) on rank 0."""
+
+    def __init__(self, cfg: TrainConfig, enabled: bool, *, start: int) -> None:
+        self.enabled, self.writer, self.file = enabled, None, None
+        if not enabled:
+            return
+        cfg.output_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(cfg.output_dir / "log.jsonl", "a")  # noqa: SIM115 - open for the whole run, closed in close()
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError(
+                    f"TensorBoard logging needs the tensorboard package ({e}): pip install tensorboard, or pass "
+                    "--no_tensorboard"
+                ) from None
+            # purge_step: a resumed run replaces what an interrupted one logged after its checkpoint
+            self.writer = SummaryWriter(str(cfg.output_dir / "tensorboard"), purge_step=start or None)
+
+    def write(self, entry: dict[str, Any]) -> None:
+        self.file.write(json.dumps(entry) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_bytes"):
+                self.writer.add_scalar(f"train/{key}", entry[key], entry["iteration"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def config_from(opts: Any, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from an argparse namespace (fields of the same name), then overrides."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(opts).items() if k in names and v is not None}
+    values.update(overrides)
+    return TrainConfig(**values)
