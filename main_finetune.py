@@ -58,6 +58,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     m.add_argument("--pretrained_path", nargs="+", default=[], help="checkpoint(s) loaded in order (base, deltas)")
     m.add_argument("--pretrained_format", default="auto", choices=["auto", "meta", "hf", "lazyllama"])
     m.add_argument("--quant", choices=["none", "4bit", "4bit_fp4", "8bit"], help="base quantization (default none)")
+    m.add_argument(
+        "--save_quantized", default=None,
+        help="after building, write the quantized model here (a later --pretrained_path DIR skips quantization)",
+    )  # fmt: skip
     m.add_argument("--model_parallel_size", type=int, default=1)
     m.add_argument(
         "--data_parallel",
@@ -131,14 +135,6 @@ def model_config(opts: argparse.Namespace, tokenizer: Tokenizer) -> ModelArgs:
     args, vocab_from_ckpt = None, None
     for path in opts.pretrained_path:
         with open_checkpoint(path, format=opts.pretrained_format) as reader:
-            if opts.pretrained_format != "auto":
-                with open_checkpoint(path) as auto:  # build_model opens paths with auto-detection only
-                    if auto.format != reader.format:
-                        raise ValueError(
-                            f"{path} is detected as {auto.format!r}, but --pretrained_format {reader.format} was "
-                            "asked and build_model can only auto-detect; remove the other format's files from the "
-                            "directory, or drop --pretrained_format"
-                        )
             if reader.config:
                 args = ModelArgs.from_dict(reader.config, source=str(reader.path), base=args)
             if vocab_from_ckpt is None and "tok_embeddings.weight" in reader.keys():
@@ -209,7 +205,9 @@ def main(argv: list[str] | None = None) -> FinetuneResult:
 
         # the model: base checkpoints, then the checkpoint to resume from (its trainable or full tensors win)
         resume = resolve_resume(opts.resume, output_dir) if opts.resume else None
-        checkpoints = [Path(p) for p in opts.pretrained_path] + ([resume] if resume else [])
+        # opened here with --pretrained_format (build_model auto-detects the paths it opens itself)
+        checkpoints = [open_checkpoint(p, format=opts.pretrained_format) for p in opts.pretrained_path]
+        checkpoints += [resume] if resume else []
         peft = _is_peft(args)
         dtype = torch.float32 if opts.precision == "fp32" or not peft else PRECISIONS[opts.precision]
         quant = None if opts.quant == "none" else opts.quant
@@ -224,6 +222,19 @@ def main(argv: list[str] | None = None) -> FinetuneResult:
                 "rank, so use --data_parallel ddp (only the adapters are synchronized), or --quant none"
             )
         model, _ = build_model(args, checkpoints, quant=quant, dtype=dtype, device=device, seed=opts.seed)  # logs it
+        for reader in checkpoints[: len(opts.pretrained_path)]:
+            reader.close()
+        if opts.save_quantized:
+            from util.checkpoint import save_quantized
+
+            save_quantized(model, opts.save_quantized)
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()  # every rank's file is written before anyone reads the directory
+            if info.is_main:
+                log.info(
+                    "saved the quantized model to %s: pass it as --pretrained_path to skip quantizing",
+                    opts.save_quantized,
+                )
         trainer = Trainer(model, args, dataset, cfg, device=device, base_checkpoints=opts.pretrained_path)
         if info.is_main:
             trainable = sum(p.numel() for p in trainer.module.parameters() if p.requires_grad)

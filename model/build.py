@@ -11,7 +11,7 @@ import torch
 from model.args import ModelArgs
 from model.llama import Transformer
 from model.peft import add_bias_tuning, add_lora, mark_trainable
-from util.checkpoint import CheckpointError, open_checkpoint
+from util.checkpoint import CheckpointError, CheckpointReader, open_checkpoint
 from util.lazy_init import LoadReport, materialize_and_load, meta_init
 from util.quant import DEFAULT_BLOCK_LIST, quantize_model
 
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def build_model(
     args: ModelArgs | None,
-    checkpoints: Sequence[str | Path] | None = None,
+    checkpoints: Sequence[str | Path | CheckpointReader] | None = None,
     *,
     quant: str | None = None,
     dtype: torch.dtype = torch.bfloat16,
@@ -34,7 +34,10 @@ def build_model(
     args: the config; None takes it from the first checkpoint (params.json / config.json). Meta's
     vocab_size=-1 is filled from the checkpoint's embedding.
     """
-    readers = [open_checkpoint(p) for p in checkpoints or []]
+    # Paths are opened (format auto-detected) and closed here; CheckpointReader objects (e.g. opened with an
+    # explicit format) are used as given and left open for their owner.
+    readers = [p if isinstance(p, CheckpointReader) else open_checkpoint(p) for p in checkpoints or []]
+    owned = [r for r, p in zip(readers, checkpoints or []) if r is not p]
     try:
         # 0. config: given, or the checkpoints' (later wins: a LoRA delta's config adds its LoRA fields to the
         #    base's); vocab size from the embedding when the config says -1
@@ -69,7 +72,7 @@ def build_model(
         # 4. allocate, fill (checkpoint or reset_parameters), quantize, release: one tensor at a time
         report = materialize_and_load(model, readers, device=device, seed=seed, strict=strict)
     finally:
-        for reader in readers:
+        for reader in owned:
             reader.close()
 
     # 5. invariants (materialize_and_load verified nothing is on meta, no NaN): the trainable set is the
