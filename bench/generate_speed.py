@@ -91,7 +91,9 @@ def child_ours(shape: str, quant: str, ckpt: Path, opts) -> dict:
     t0 = time.perf_counter()
     model, _ = build_model(args, [ckpt], quant=None if quant == "none" else quant, dtype=torch.bfloat16)
     load = time.perf_counter() - t0
-    model.eval()
+    from util.quant import prepare_for_inference
+
+    prepare_for_inference(model)  # as demo.py serves: eval mode, 4-bit repacked for the AVX512-BF16 CPU kernel
     prompt = _prompt(args.vocab_size, opts.prompt_tokens)
     generate(model, [prompt], SamplingParams(max_new_tokens=4))  # warm-up
     runs, cpu, tokens = [], [], None

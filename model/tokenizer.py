@@ -43,8 +43,6 @@ def train_tokenizer(texts: Iterable[str], out_path: str | Path, *, vocab_size: i
         sentence_iterator=iter(list(texts)), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
         character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         hard_vocab_limit=False, num_threads=os.cpu_count() or 1, minloglevel=2,
-        # keep newlines and runs of spaces as LLaMA's tokenizer does: the prompt templates rely on them
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
     )  # fmt: skip
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     tmp.write_bytes(buf.getvalue())

@@ -11,8 +11,6 @@ def test_train_encode_decode_round_trip(tmp_path):
     ids = tok.encode("Tips: sleep well! ünïcode", bos=True, eos=True)
     assert ids[0] == 1 and ids[-1] == 2
     assert tok.decode(ids) == "Tips: sleep well! ünïcode"  # byte fallback covers unseen characters
-    template = "### Instruction:\nEat  well\n\n### Response:\n"
-    assert tok.decode(tok.encode(template)) == template  # newlines and double spaces survive
     assert Tokenizer(tmp_path).vocab_size == 300  # a directory holding tokenizer.model works too
 
 
