@@ -15,7 +15,6 @@ tokenizer.model). The config is the checkpoints' params.json/config.json, then -
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -27,7 +26,7 @@ import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_mp
 from torch import nn
 
-from model.args import ModelArgs
+from model.args import ModelArgs, read_config_json
 from model.build import build_model
 from model.tokenizer import Tokenizer
 from util.checkpoint import open_checkpoint
@@ -117,18 +116,6 @@ class FinetuneResult:
     checkpoints: list[Path]  # what build_model loaded: base(s), then the resumed checkpoint
 
 
-def _read_json(path: str) -> dict:
-    try:
-        values = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--llama_config {path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--llama_config {path}: not valid JSON ({e})") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"--llama_config {path}: expected a JSON object of config keys")
-    return values
-
-
 def model_config(opts: argparse.Namespace, tokenizer: Tokenizer) -> ModelArgs:
     """The checkpoints' configs in order, then --llama_config files on top; vocab size from the checkpoint's
     embedding or the tokenizer."""
@@ -140,7 +127,7 @@ def model_config(opts: argparse.Namespace, tokenizer: Tokenizer) -> ModelArgs:
             if vocab_from_ckpt is None and "tok_embeddings.weight" in reader.keys():
                 vocab_from_ckpt = reader.shape("tok_embeddings.weight")[0]
     for path in opts.llama_config:
-        args = ModelArgs.from_dict(_read_json(path), source=path, base=args)
+        args = ModelArgs.from_dict(read_config_json(path, what="--llama_config"), source=path, base=args)
     if args is None:
         raise ValueError(
             "no model config: give --llama_config (e.g. params.json configs/lora_r16.json) or a --pretrained_path "

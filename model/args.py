@@ -96,15 +96,7 @@ class ModelArgs:
         """Merge JSON files in order (later files win), e.g. Meta's params.json then a LoRA config."""
         merged: dict[str, Any] = {}
         for path in paths:
-            path = Path(path)
-            try:
-                values = json.loads(path.read_text())
-            except FileNotFoundError:
-                raise FileNotFoundError(f"config file not found: {path}") from None
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
-            if not isinstance(values, dict):
-                raise ValueError(f"{path}: expected a JSON object of config keys, got {type(values).__name__}")
+            values = read_config_json(path)
             cls.from_dict(values, source=str(path))  # names the file holding an unknown key
             merged.update(values)
         merged.update(overrides)
@@ -117,6 +109,20 @@ class ModelArgs:
         if self.vocab_size != vocab_size:
             raise ValueError(f"vocab_size={self.vocab_size} in the config but {source} has {vocab_size}")
         return self
+
+
+def read_config_json(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
+    """A JSON object of config keys, with errors that name the file."""
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path}: not valid JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{what} {path}: expected a JSON object of config keys, got {type(values).__name__}")
+    return values
 
 
 # Presets: LLaMA-2 shapes, TinyLlama-1.1B, and a tiny one for tests and the quickstart.

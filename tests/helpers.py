@@ -82,3 +82,13 @@ def reference_forward(sd: dict[str, torch.Tensor], args: ModelArgs, tokens: torc
             @ L("feed_forward.w2").T
         )
     return rms(x, p["norm.weight"]) @ p["output.weight"].T
+
+
+def write_tiny_checkpoint(path, *, seed: int, args: ModelArgs | None = None):
+    """A random tiny model in Meta's format at `path`; returns (args, state dict)."""
+    from util.checkpoint import write_meta_checkpoint
+
+    args = args or tiny_args()
+    sd = random_state_dict(args, seed=seed)
+    write_meta_checkpoint(path, sd, params=params_of(args))
+    return args, sd

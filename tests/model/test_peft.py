@@ -10,8 +10,8 @@ from model.args import ModelArgs
 from model.build import build_model
 from model.layers import ColumnParallelLinear, RowParallelLinear
 from model.peft import LoRA, add_lora, merge_lora
-from tests.helpers import params_of, random_state_dict, tiny_args
-from util.checkpoint import CheckpointError, export_meta, save_model, write_meta_checkpoint
+from tests.helpers import params_of, write_tiny_checkpoint
+from util.checkpoint import CheckpointError, export_meta, save_model
 from util.quant import QUANT_MODES, QuantLinear
 
 METHODS = {
@@ -24,10 +24,8 @@ TOKENS = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    args = tiny_args()
-    sd = random_state_dict(args, seed=5)
     path = tmp_path_factory.mktemp("base")
-    write_meta_checkpoint(path, sd, params=params_of(args))
+    args, sd = write_tiny_checkpoint(path, seed=5)
     return args, sd, path
 
 

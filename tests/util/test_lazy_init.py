@@ -5,7 +5,7 @@ from torch import nn
 from model.build import build_model
 from model.layers import RotaryEmbedding
 from model.llama import Transformer
-from tests.helpers import params_of, random_state_dict, tiny_args
+from tests.helpers import params_of, tiny_args, write_tiny_checkpoint
 from util import lazy_init
 from util.checkpoint import CheckpointError, open_checkpoint, write_meta_checkpoint
 from util.lazy_init import materialize_and_load, meta_init, real_init
@@ -38,10 +38,8 @@ def garbage(monkeypatch):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    args = tiny_args()
-    sd = random_state_dict(args, seed=3)
     path = tmp_path_factory.mktemp("ckpt")
-    write_meta_checkpoint(path, sd, params=params_of(args))
+    args, sd = write_tiny_checkpoint(path, seed=3)
     return args, sd, path
 
 

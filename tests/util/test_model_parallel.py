@@ -5,9 +5,9 @@ import torch
 
 from model.build import build_model
 from model.llama import Transformer
-from tests.helpers import params_of, random_state_dict, tiny_args
+from tests.helpers import tiny_args, write_tiny_checkpoint
 from tests.multiprocess import run_multiprocess
-from util.checkpoint import save_model, write_meta_checkpoint
+from util.checkpoint import save_model
 from util.dist import init_distributed
 from util.lazy_init import materialize_and_load, meta_init
 from util.quant import QuantLinear, quantize_model
@@ -65,10 +65,8 @@ def _worker(rank, ckpt, save_dir):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    args = tiny_args()
-    sd = random_state_dict(args, seed=4)
     path = tmp_path_factory.mktemp("mp_ckpt")
-    write_meta_checkpoint(path, sd, params=params_of(args))
+    args, sd = write_tiny_checkpoint(path, seed=4)
     return path
 
 
