@@ -49,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     u = p.add_argument_group("interface (default: chat in the terminal)")
     u.add_argument("--prompt", help="answer this one message on stdout and exit")
+    u.add_argument(
+        "--image", type=Path, help="--prompt / terminal chat: an image (PNG, JPEG, WebP) the conversation is about "
+        "(a model with a visual backbone)",
+    )  # fmt: skip
     u.add_argument("--web", action="store_true", help="serve a Gradio chat page")
     u.add_argument("--host", default="127.0.0.1", help="web: address to bind (0.0.0.0 exposes it to the network)")
     u.add_argument("--port", type=int, default=7860)
@@ -169,17 +173,17 @@ def sampling(opts: argparse.Namespace):
     )  # fmt: skip
 
 
-def answer(chat, request):
-    """Every rank runs this with the same request: (turns, message, SamplingParams)."""
+def answer(chat, request, images=None):
+    """Every rank runs this with the same request: (turns, message, SamplingParams). images: the --image."""
     turns, message, params = request
     chat.turns = list(turns)
-    return chat.send(message, params)
+    return chat.send(message, params, images=images)
 
 
-def run_prompt(chat, group: Group, opts, log) -> int:
+def run_prompt(chat, group: Group, opts, log, images=None) -> int:
     params = sampling(opts)
     try:
-        reply = answer(chat, ([], opts.prompt, params))
+        reply = answer(chat, ([], opts.prompt, params), images)
     except ValueError as e:
         log(f"error: {e}")
         return 2
@@ -193,7 +197,7 @@ def run_prompt(chat, group: Group, opts, log) -> int:
     return 0
 
 
-def run_terminal(chat, group: Group, opts, log) -> int:
+def run_terminal(chat, group: Group, opts, log, images=None) -> int:
     params = sampling(opts)
     if group.is_main:
         print(f"Chat ({HELP}).", flush=True)
@@ -221,7 +225,7 @@ def run_terminal(chat, group: Group, opts, log) -> int:
         if not line:
             log(f"(empty message: type something; {HELP})")
             continue
-        reply = answer(chat, (chat.turns, line, params))
+        reply = answer(chat, (chat.turns, line, params), images)
         for note in reply.notes:
             log(f"warning: {note}")
         if group.is_main:
@@ -254,6 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"demo.py: {problem}", file=sys.stderr)
         return 2
+    if opts.image is not None:
+        if opts.web:
+            print("demo.py: --image is for --prompt and the terminal chat; the web page has its own image box",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        try:
+            read_image(opts.image)  # an unreadable image is reported before the model loads
+        except ValueError as e:
+            print(f"demo.py: {e}", file=sys.stderr)
+            return 2
 
     import logging
 
@@ -282,9 +296,24 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError) as e:
             log(f"demo.py: {e}")
             return 2
+        images = None
+        if opts.image is not None:
+            if not is_multimodal(model):
+                log(
+                    f"demo.py: --image {opts.image}: this model is text-only (no visual_backbone in its config); "
+                    "use a multimodal model or drop --image"
+                )
+                return 2
+            from model.visual import load_image
+
+            try:
+                images = load_image(opts.image, model.visual.preprocess).unsqueeze(0)
+            except (ValueError, OSError) as e:
+                log(f"demo.py: {e}")
+                return 2
         chat = Chat(model, tokenizer, raw=opts.raw)
         if opts.prompt is not None:
-            return run_prompt(chat, group, opts, log)
+            return run_prompt(chat, group, opts, log, images)
         if opts.web:
             if not group.is_main:
                 return run_follower(chat, group)
@@ -293,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 group.share(None)  # the other ranks stop waiting
             return 0
-        return run_terminal(chat, group, opts, log)
+        return run_terminal(chat, group, opts, log, images)
     finally:
         destroy_distributed()
 

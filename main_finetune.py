@@ -186,6 +186,11 @@ def main(argv: list[str] | None = None) -> FinetuneResult:
             log.info("max_words %d -> %d (the model's max_seq_len)", opts.max_words, max_words)
         dataset = InstructionDataset(load_data_config(opts.data_config), tokenizer.path, max_words=max_words,
                                      seed=opts.seed, strict=opts.strict_data)  # fmt: skip
+        if dataset.has_images and not args.visual_backbone:
+            raise ValueError(
+                "image_conversation data needs a model with a visual backbone: add a visual config (visual_backbone, "
+                "visual_weights) to --llama_config"
+            )
 
         output_dir = Path(opts.output_dir)
         cfg = config_from(opts, output_dir=output_dir)

@@ -6,6 +6,9 @@
 
 - alpaca: a JSON list (or JSON lines) of {"instruction": str, "input": str (optional), "output": str}
 - conversation: a list of {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}, ...]}
+- image_conversation: a conversation with an image, {"image": "path.png", "conversations": [...]}; the path is
+  relative to the JSON file's directory (or absolute). The image is checked when the file is loaded and read per
+  item with the visual backbone's preprocessing (a model with visual_backbone); a batch stacks its images.
 
 Prompts come from util.templates (the chat demo uses the same ones). Only response tokens are in the loss:
 labels are -100 elsewhere. Every record is validated when its file is loaded; a bad record (missing field,
@@ -37,7 +40,7 @@ from util.templates import ALPACA_HEADER, ALPACA_HEADER_INPUT, CHAT_HEADER, alpa
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-DATA_TYPES = ("alpaca", "conversation")
+DATA_TYPES = ("alpaca", "conversation", "image_conversation")
 _SOURCE_KEYS = {"path", "type", "ratio"}
 _CONFIG_EXAMPLE = "sources:\n  - {path: data/alpaca_tiny.json, type: alpaca, ratio: 1.0}"
 _MAX_LISTED = 10
@@ -162,7 +165,29 @@ def _template_free(text: str) -> str:
     return " ".join(text.split())
 
 
-_SEGMENTERS = {"alpaca": alpaca_segments, "conversation": conversation_segments}
+_SEGMENTERS = {
+    "alpaca": alpaca_segments,
+    "conversation": conversation_segments,
+    "image_conversation": conversation_segments,
+}
+
+
+def _image_path(rec: dict, source: Path) -> Path:
+    """The record's image file (relative paths against the JSON file's directory), checked to be readable."""
+    from PIL import Image, UnidentifiedImageError
+
+    value = rec.get("image")
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError('missing field "image" (an image file path)')
+    path = Path(value) if Path(value).is_absolute() else source.parent / value
+    if not path.is_file():
+        raise ValueError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from None
+    return path
 
 
 @dataclass
@@ -202,13 +227,20 @@ def _read_json_records(path: Path) -> list[tuple[str, Any]]:
 def read_source(source: DataSource, *, strict: bool = False) -> list[Segments]:
     """The valid records of one source as segments. Bad records are logged (file and index) and skipped, or
     raise a DataError listing them when strict."""
+    return [segments for segments, _ in read_records(source, strict=strict)]
+
+
+def read_records(source: DataSource, *, strict: bool = False) -> list[tuple[Segments, Path | None]]:
+    """read_source with each record's image path (image_conversation; None for text-only types)."""
     segmenter = _SEGMENTERS[source.type]
     records, problems = [], []
     for where, rec in _read_json_records(source.path):
         try:
             if isinstance(rec, _BadJson):
                 raise ValueError(rec.reason)
-            records.append(segmenter(rec))
+            segments = segmenter(rec)
+            image = _image_path(rec, source.path) if source.type == "image_conversation" else None
+            records.append((segments, image))
         except ValueError as e:
             problems.append(f"{where}: {e}")
     total = len(records) + len(problems)
@@ -250,7 +282,9 @@ def encode_segments(
 
 
 class InstructionDataset(Dataset):
-    """The mixture of the configured sources; item i -> (tokens, labels) LongTensors (tokenized on access).
+    """The mixture of the configured sources; item i -> (tokens, labels) LongTensors (tokenized on access), plus
+    the preprocessed image [3, S, S] for image_conversation data (read on access with `preprocess`, the visual
+    backbone's config: model.visual.preprocess; it may be set after the model is built, before the first item).
 
     plain: the records' words without prompt templates, every token in the loss (to pre-train a base on).
     """
@@ -265,6 +299,7 @@ class InstructionDataset(Dataset):
         strict: bool = False,
         train_on_prompt: bool = False,
         plain: bool = False,
+        preprocess: dict | None = None,
     ) -> None:
         if max_words < 2:
             raise ValueError(f"max_words={max_words}: need at least 2 tokens per example")
@@ -272,16 +307,26 @@ class InstructionDataset(Dataset):
         self.max_words, self.train_on_prompt = max_words, train_on_prompt
         self._tokenizer: Tokenizer | None = None
         self.items: list[Segments] = []
+        self.images: list[Path | None] = []
+        self.preprocess = preprocess
         self.counts: dict[str, int] = {}
+        kinds = {s.type == "image_conversation" for s in sources}
+        if len(kinds) > 1:
+            raise DataError(
+                "the data config mixes image_conversation with text-only sources: a batch needs an image for every "
+                "example (or none); train them in separate runs"
+            )
+        self.has_images = kinds == {True}
         for i, source in enumerate(sources):
-            records = read_source(source, strict=strict)
+            records = read_records(source, strict=strict)
             if plain:
-                records = [plain_segments(r) for r in records]
+                records = [(plain_segments(r), img) for r, img in records]
             # ratio: whole repeats plus a seeded subset (the same on every rank: seeded by config order only)
             n = max(1, round(source.ratio * len(records)))
             rng = random.Random(f"{seed}/{i}")
             chosen = list(range(len(records))) * (n // len(records)) + rng.sample(range(len(records)), n % len(records))
-            self.items += [records[j] for j in chosen]
+            self.items += [records[j][0] for j in chosen]
+            self.images += [records[j][1] for j in chosen]
             self.counts[str(source.path)] = n
         self.tokenizer  # noqa: B018 - fail now (missing or bad tokenizer), not in a DataLoader worker
 
@@ -297,11 +342,17 @@ class InstructionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         tokens, labels = encode_segments(
             self.items[i], self.tokenizer, self.max_words, train_on_prompt=self.train_on_prompt
         )
-        return torch.tensor(tokens), torch.tensor(labels)
+        if self.images[i] is None:
+            return torch.tensor(tokens), torch.tensor(labels)
+        if self.preprocess is None:
+            raise DataError("image_conversation data needs the visual backbone's preprocessing: a visual model")
+        from model.visual import load_image
+
+        return torch.tensor(tokens), torch.tensor(labels), load_image(self.images[i], self.preprocess)
 
 
 def source_texts(sources: Sequence[DataSource]) -> list[str]:
@@ -309,13 +360,16 @@ def source_texts(sources: Sequence[DataSource]) -> list[str]:
     return ["".join(text for text, _ in segments) for source in sources for segments in read_source(source)]
 
 
-def collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest example (causal attention: padding after the text changes nothing before it)."""
-    length = max(t.numel() for t, _ in batch)
+def collate(batch: Sequence[tuple[torch.Tensor, ...]], pad_id: int = 0) -> tuple[torch.Tensor, ...]:
+    """Right-pad to the longest example (causal attention: padding after the text changes nothing before it);
+    images (image_conversation items) are stacked: (tokens, labels, images [B, 3, S, S])."""
+    length = max(item[0].numel() for item in batch)
     tokens = torch.full((len(batch), length), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
-    for i, (t, lab) in enumerate(batch):
+    for i, (t, lab, *_) in enumerate(batch):
         tokens[i, : t.numel()], labels[i, : lab.numel()] = t, lab
+    if len(batch[0]) > 2:
+        return tokens, labels, torch.stack([item[2] for item in batch])
     return tokens, labels
 
 

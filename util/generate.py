@@ -131,6 +131,7 @@ def decode(
     stop: Callable[[int, list[int]], bool] | None = None,
     vocab_size: int | None = None,
     prefix: torch.Tensor | None = None,
+    images: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Iterator[list[int | None]]:
     """Yield, per decoding step, the new token of each prompt (None for a prompt not yet generating or finished).
@@ -138,10 +139,23 @@ def decode(
     A prompt finishes at eos_id (not yielded), after max_new_tokens, or when stop(row, its tokens so far) is
     true. vocab_size: never produce ids at or above it (a model whose embedding is larger than its tokenizer).
     prefix: the LLaMA-Adapter prefix (multimodal), passed to every forward.
-    Every prompt must fit: len(prompt) + max_new_tokens <= max_seq_len (see fit_prompt).
+    images: [batch, 3, S, S] (or one [3, S, S] for every prompt), preprocessed for the model's visual backbone
+    (model.visual.load_image). "tokens" mode: the image goes before the text with the prompt's forward, and the
+    decoding steps continue after its positions; "prefix" mode: the image goes with every forward.
+    Every prompt must fit: image positions + len(prompt) + max_new_tokens <= max_seq_len (see fit_prompt).
     """
     lengths = [len(p) for p in prompts]
-    max_seq_len = model.args.max_seq_len
+    offset, step_images = 0, None
+    if images is not None:
+        if getattr(model, "visual", None) is None:
+            raise ValueError("images given to a text-only model: set visual_backbone in the config")
+        if images.dim() == 3:
+            images = images.unsqueeze(0).expand(len(prompts), -1, -1, -1)
+        if images.shape[0] != len(prompts):
+            raise ValueError(f"{images.shape[0]} image(s) for {len(prompts)} prompt(s): give one per prompt")
+        offset = model.image_positions()
+        step_images = images if model.visual.mode == "prefix" else None
+    max_seq_len = model.args.max_seq_len - offset
     if not prompts or min(lengths) == 0:
         raise ValueError("every prompt needs at least one token (e.g. the tokenizer's BOS)")
     too_long = [i for i, n in enumerate(lengths) if n + params.max_new_tokens > max_seq_len]
@@ -161,8 +175,8 @@ def decode(
     if generator is None and params.temperature > 0:
         generator = make_generator(params.seed, device)
 
-    model.setup_cache(batch, total)
-    logits = model(tokens[:, :shortest], start_pos=0, prefix=prefix)[:, -1]
+    model.setup_cache(batch, total + offset)
+    logits = model(tokens[:, :shortest], start_pos=0, prefix=prefix, images=images)[:, -1]
     produced: list[list[int]] = [[] for _ in prompts]
     done = [False] * batch
     for pos in range(shortest, total):
@@ -192,7 +206,7 @@ def decode(
             yield step
         if all(done):
             return
-        logits = model(tokens[:, pos : pos + 1], start_pos=pos, prefix=prefix)[:, -1]
+        logits = model(tokens[:, pos : pos + 1], start_pos=pos + offset, prefix=prefix, images=step_images)[:, -1]
 
 
 def generate(
@@ -299,6 +313,7 @@ def stream_text(
     *,
     stop: Sequence[str] = (),
     prefix: torch.Tensor | None = None,
+    images: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Iterator[str]:
     """Generate from one tokenized prompt, yielding text deltas as they are decoded, ending before a stop
@@ -312,7 +327,7 @@ def stream_text(
 
     for _ in decode(
         model, [prompt], params, eos_id=tokenizer.eos_id, stop=push, vocab_size=tokenizer.vocab_size,
-        prefix=prefix, generator=generator,
+        prefix=prefix, images=images, generator=generator,
     ):  # fmt: skip
         delta = deltas.pop()
         if delta:
@@ -368,12 +383,15 @@ class Chat:
     def clear(self) -> None:
         self.turns = []
 
-    def prompt_ids(self, message: str, max_new_tokens: int) -> tuple[list[int], int, list[str]]:
+    def prompt_ids(
+        self, message: str, max_new_tokens: int, *, image_positions: int = 0
+    ) -> tuple[list[int], int, list[str]]:
         """The tokenized prompt for `message` that fits the context, and the answer's budget: the oldest turns
-        go first, then the budget shrinks (to a quarter of the context at least), then the prompt's oldest tokens."""
+        go first, then the budget shrinks (to a quarter of the context at least), then the prompt's oldest tokens.
+        image_positions: context taken by an image before the text."""
         notes = []
         turns = list(self.turns)
-        max_seq_len = self.model.args.max_seq_len
+        max_seq_len = self.model.args.max_seq_len - image_positions
         min_new = min(max_new_tokens, max(1, max_seq_len // 4))  # the answer's budget may shrink to this first
         while True:
             text = message if self.raw else chat_prompt([*turns, (message, None)])
@@ -386,14 +404,18 @@ class Chat:
         ids, max_new_tokens, cut = fit_prompt(ids, max_seq_len, max_new_tokens, min_new_tokens=min_new)
         return ids, max_new_tokens, notes + cut
 
-    def send(self, message: str, params: SamplingParams = SamplingParams(), *, prefix=None) -> Reply:
+    def send(self, message: str, params: SamplingParams = SamplingParams(), *, prefix=None, images=None) -> Reply:
+        """images: a preprocessed image [1, 3, S, S] for the prompt (a model with a visual backbone); in a
+        conversation, pass it with every message (the prompt holds the whole history after the image)."""
         message = message.strip()
         if not message:
             raise ValueError("empty message: type something to send")
-        ids, max_new, notes = self.prompt_ids(message, params.max_new_tokens)  # notes: for the caller to show
+        taken = self.model.image_positions() if images is not None else 0
+        ids, max_new, notes = self.prompt_ids(message, params.max_new_tokens, image_positions=taken)
         deltas = stream_text(
-            self.model, self.tokenizer, ids, params.replace(max_new_tokens=max_new), stop=self.stop, prefix=prefix
-        )
+            self.model, self.tokenizer, ids, params.replace(max_new_tokens=max_new), stop=self.stop, prefix=prefix,
+            images=images,
+        )  # fmt: skip
 
         def remember(answer: str) -> None:
             if not self.raw:

@@ -436,6 +436,20 @@ class Trainer:
 
         # data: whole optimizer steps per epoch on every data-parallel rank
         self.dataset = dataset
+        if getattr(dataset, "has_images", False):
+            visual = getattr(self.module, "visual", None)
+            if visual is None:
+                raise ValueError(
+                    "image_conversation data needs a model with a visual backbone: set visual_backbone in the config"
+                )
+            if dataset.preprocess is None:
+                dataset.preprocess = visual.preprocess
+            room = args.max_seq_len - self.module.image_positions()  # image tokens come before the text
+            if room < 2:
+                raise ValueError(f"max_seq_len={args.max_seq_len} leaves no room for text after the image tokens")
+            if dataset.max_words > room:
+                log.info("max_words %d -> %d (max_seq_len minus the image's positions)", dataset.max_words, room)
+                dataset.max_words = room
         self.sampler = ResumableDistributedSampler(
             len(dataset), rank=self.dp_rank, world_size=self.dp_size, seed=cfg.seed
         )
@@ -610,13 +624,24 @@ class Trainer:
             self.model.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
 
-    def _micro_step(self, tokens: torch.Tensor, labels: torch.Tensor, sync: bool, step_targets: int) -> float:
+    def _micro_step(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor,
+        sync: bool,
+        step_targets: int,
+        images: torch.Tensor | None = None,
+    ) -> float:
         """Forward and backward of one micro-batch; returns its summed token loss. The loss is normalized by the
-        labelled tokens of the whole step (all micro-batches), so accumulation equals one large batch."""
+        labelled tokens of the whole step (all micro-batches), so accumulation equals one large batch. images:
+        the batch's preprocessed images (image_conversation data), given to the model's visual backbone."""
         tokens, labels = tokens.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         with self._sync_context(sync):
             with self._autocast():
-                logits = self.model(tokens)
+                if images is None:
+                    logits = self.model(tokens)
+                else:
+                    logits = self.model(tokens, images=images.to(self.device, non_blocking=True))
             loss_sum, _ = token_loss(logits, labels)
             loss = loss_sum / max(step_targets, 1)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -685,17 +710,18 @@ class Trainer:
         t0 = time.perf_counter()
         micro_batches = [next(batches) for _ in range(cfg.accum_iter)]
         self.sampler.advance(cfg.batch_size * cfg.accum_iter)
-        targets = [(labels[:, 1:] != IGNORE_INDEX).sum(1) for _, labels in micro_batches]
+        targets = [(batch[1][:, 1:] != IGNORE_INDEX).sum(1) for batch in micro_batches]
         step_targets = int(sum(int(t.sum()) for t in targets))
         self.empty_examples += sum(int((t == 0).sum()) for t in targets)
         loss_sum = 0.0
-        for micro, (tokens, labels) in enumerate(micro_batches):
-            loss_sum += self._micro_step(tokens, labels, micro == cfg.accum_iter - 1, step_targets)
+        for micro, (tokens, labels, *images) in enumerate(micro_batches):
+            last = micro == cfg.accum_iter - 1
+            loss_sum += self._micro_step(tokens, labels, last, step_targets, images[0] if images else None)
         lr, norm = self._optimizer_step()
         self.iteration += 1
         self.step_in_epoch += 1
         # the logged loss: mean over every labelled token of the step, on all data-parallel ranks
-        n_tokens = sum(t.numel() for t, _ in micro_batches)
+        n_tokens = sum(batch[0].numel() for batch in micro_batches)
         loss_total, targets_total, tokens_total = self._sum_over_dp([loss_sum, float(step_targets), float(n_tokens)])
         loss = loss_total / max(targets_total, 1.0)
         self.losses.append(loss)

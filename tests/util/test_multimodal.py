@@ -1,0 +1,189 @@
+"""Image-text fine-tuning and serving: the image_conversation data type, training with images through util.train,
+generation with an image (KV cache vs full recompute), and demo.py --image. Tiny backbones as in
+tests/model/test_visual.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from model.build import build_model
+from tests.finetune_env import make_env
+from tests.helpers import tiny_args
+from tests.model.test_visual import BACKBONES, _weights
+from util.data import DataError, InstructionDataset, collate, load_data_config
+from util.generate import SamplingParams, generate
+from util.train import TrainConfig, Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+ANSWERS = ["It is red.", "It is green.", "It is blue.", "It is yellow."]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return make_env(tmp_path_factory.mktemp("mm_env"))
+
+
+def _image_set(root: Path, *, bad: bool = False) -> Path:
+    """PNGs in root/images and a JSON (relative image paths) + YAML config; bad: add broken records."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, color in enumerate(COLORS):
+        Image.new("RGB", (40, 36), color).save(root / "images" / f"{i}.png")
+        records.append({
+            "image": f"images/{i}.png",
+            "conversations": [
+                {"from": "human", "value": "What color is the picture?"},
+                {"from": "gpt", "value": ANSWERS[i]},
+            ],
+        })  # fmt: skip
+    if bad:
+        (root / "images" / "broken.png").write_bytes(b"\x89PNG not really")
+        conv = records[0]["conversations"]
+        records += [
+            {"image": "images/missing.png", "conversations": conv},  # [4]
+            {"image": "images/broken.png", "conversations": conv},  # [5]
+            {"conversations": conv},  # [6]: no image
+        ]
+    (root / "mm.json").write_text(json.dumps(records))
+    cfg = root / "mm.yaml"
+    cfg.write_text("sources:\n  - {path: mm.json, type: image_conversation, ratio: 1.0}\n")
+    return cfg
+
+
+def _visual_args(tmp_path, kind="timm", **overrides):
+    weights, _ = _weights(tmp_path, kind)
+    spec, kwargs = BACKBONES[kind]
+    return tiny_args(
+        vocab_size=384, visual_backbone=spec, visual_kwargs=kwargs, visual_weights=str(weights), **overrides
+    )
+
+
+def test_image_conversation_set_loads_and_bad_records_are_reported(env, tmp_path, caplog):
+    cfg = _image_set(tmp_path, bad=True)
+    pre = {"size": 32, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    with caplog.at_level(logging.WARNING):
+        ds = InstructionDataset(load_data_config(cfg), env.tokenizer, max_words=64, preprocess=pre)
+    assert len(ds) == 4 and ds.has_images
+    warning = caplog.text
+    assert "mm.json" in warning and "3 of 7" in warning
+    assert "[4]: image not found" in warning and "[5]" in warning and "not a readable image" in warning
+    assert '[6]: missing field "image"' in warning
+    tokens, labels, image = ds[0]
+    assert image.shape == (3, 32, 32) and tokens.shape == labels.shape
+    batch = collate([ds[i] for i in range(3)])
+    assert len(batch) == 3 and batch[2].shape == (3, 3, 32, 32)
+    with pytest.raises(DataError, match=r"mm.json: 3 of 7 image_conversation record\(s\) are bad"):
+        InstructionDataset(load_data_config(cfg), env.tokenizer, max_words=64, strict=True)
+    # no preprocessing config (no visual model): a clear error when an item is read
+    with pytest.raises(DataError, match="visual"):
+        InstructionDataset(load_data_config(cfg), env.tokenizer, max_words=64)[0]
+    # images and text-only data cannot share batches
+    mixed = tmp_path / "mixed.yaml"
+    mixed.write_text(
+        "sources:\n  - {path: mm.json, type: image_conversation}\n"
+        f"  - {{path: {ROOT / 'data' / 'conversations_tiny.json'}, type: conversation}}\n"
+    )
+    with pytest.raises(DataError, match="mixes image_conversation"):
+        InstructionDataset(load_data_config(mixed), env.tokenizer, max_words=64)
+
+
+def test_training_with_images_through_the_trainer_reduces_loss(env, tmp_path):
+    cfg = _image_set(tmp_path)
+    args = _visual_args(tmp_path, lora_rank=4, lora_alpha=8.0)
+    torch.manual_seed(0)
+    model, _ = build_model(args, [env.base], quant="4bit", dtype=torch.float32)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("visual.proj.") for n in trainable) and any("lora" in n for n in trainable)
+    assert not any("backbone" in n for n in trainable)
+    dataset = InstructionDataset(load_data_config(cfg), env.tokenizer, max_words=200)
+    config = TrainConfig(output_dir=tmp_path / "out", batch_size=2, lr=1e-2, max_iters=12, tensorboard=False)
+    trainer = Trainer(model, args, dataset, config)
+    assert dataset.preprocess == model.visual.preprocess  # taken from the model
+    assert dataset.max_words == args.max_seq_len - model.image_positions()  # room for the image tokens
+    seen = []
+    forward = model.forward
+    model.forward = lambda *a, **kw: (seen.append(kw.get("images")), forward(*a, **kw))[1]
+    losses = trainer.fit()
+    assert all(x is not None and x.shape == (2, 3, 32, 32) for x in seen)
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("mode", ["tokens", "prefix"])
+def test_greedy_generation_with_an_image_and_cache_equals_full_recompute(env, tmp_path, mode):
+    extra = {"visual_mode": "prefix", "adapter_len": 3, "adapter_layers": 2} if mode == "prefix" else {}
+    args = _visual_args(tmp_path, **extra)
+    torch.manual_seed(0)
+    model, _ = build_model(args, [env.base], dtype=torch.float32)
+    if mode == "prefix":  # open the zero-initialized gates so the image matters
+        for name, p in model.named_parameters():
+            if "gate" in name:
+                p.data.fill_(0.5)
+    model.eval()
+    image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    prompt = [1, 17, 42, 99, 7]
+    cached = generate(model, [prompt], SamplingParams(max_new_tokens=8), images=image)[0]
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(8):
+            seq.append(int(model(torch.tensor([seq]), images=image)[0, -1].argmax()))
+    assert cached == seq[len(prompt) :]
+    with torch.no_grad():  # the image is read
+        x = torch.tensor([prompt])
+        assert not torch.allclose(model(x, images=image), model(x, images=torch.zeros_like(image) + 2))
+    with pytest.raises(ValueError, match="exceed max_seq_len"):  # the image's positions count against the context
+        generate(model, [prompt], SamplingParams(max_new_tokens=args.max_seq_len - 5 - model.image_positions() + 1),
+                 images=image)  # fmt: skip
+
+
+def _demo(*argv: str):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "demo.py"), *argv], cwd=ROOT, capture_output=True, text=True, timeout=180
+    )
+
+
+def test_demo_prompt_with_an_image(env, tmp_path):
+    args = _visual_args(tmp_path)
+    config = tmp_path / "visual.json"
+    config.write_text(json.dumps(args.to_dict()))  # the base's shapes plus the visual backbone
+    Image.new("RGB", (50, 40), (10, 200, 30)).save(tmp_path / "pic.png")
+    common = [
+        "--tokenizer_path", str(env.tokenizer), "--pretrained_path", str(env.base), "--quant", "none", "--dtype",
+        "fp32", "--temperature", "0", "--max_new_tokens", "6", "--prompt", "What is this?",
+    ]  # fmt: skip
+    done = _demo(*common, "--llama_config", str(config), "--image", str(tmp_path / "pic.png"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.endswith("\n") and "error" not in done.stderr.lower()
+    # a text-only model with --image: a clear message
+    done = _demo(*common, "--image", str(tmp_path / "pic.png"))
+    assert done.returncode == 2 and "text-only" in done.stderr and "--image" in done.stderr
+    # an unreadable image: reported before the model loads
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    done = _demo(*common, "--llama_config", str(config), "--image", str(tmp_path / "bad.png"))
+    assert done.returncode == 2 and "could not read the image bad.png" in done.stderr
+
+
+def test_main_finetune_trains_on_images_and_a_text_model_is_refused(env, tmp_path):
+    import main_finetune
+
+    data = _image_set(tmp_path / "data")
+    args = _visual_args(tmp_path)
+    visual = tmp_path / "visual.json"
+    visual.write_text(json.dumps({k: getattr(args, k) for k in ("visual_backbone", "visual_kwargs", "visual_weights")}))
+    argv = env.argv(tmp_path / "out", "--data_config", str(data), "--quant", "4bit", "--max_iters", "6")
+    argv.insert(argv.index("--llama_config") + 2, str(visual))  # after lora_r16.json
+    res = main_finetune.main(argv)
+    assert res.model.visual is not None and len(res.losses) == 6
+    assert res.losses[-1] < res.losses[0], res.losses
+    assert not any(p.requires_grad for p in res.model.visual.backbone.parameters())
+    text_only = env.argv(tmp_path / "out2", "--data_config", str(data), "--max_iters", "1")
+    with pytest.raises(ValueError, match="image_conversation data needs a model with a visual backbone"):
+        main_finetune.main(text_only)
