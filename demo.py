@@ -174,8 +174,11 @@ def sampling(opts: argparse.Namespace):
 
 
 def answer(chat, request, images=None):
-    """Every rank runs this with the same request: (turns, message, SamplingParams). images: the --image."""
-    turns, message, params = request
+    """Every rank runs this with the same request: (turns, message, SamplingParams[, images]). images: the --image
+    (the web page sends its upload inside the request, so model-parallel followers get it too)."""
+    turns, message, params, *rest = request
+    if rest and rest[0] is not None:
+        images = rest[0]
     chat.turns = list(turns)
     return chat.send(message, params, images=images)
 
@@ -362,6 +365,7 @@ def web(chat, group: Group, opts, log) -> None:
         if not message:
             yield history, "", "Empty message: type something first."
             return
+        images = None
         if image is not None:
             try:
                 read_image(image)
@@ -371,6 +375,9 @@ def web(chat, group: Group, opts, log) -> None:
             if not multimodal:
                 yield history, message, "This model takes no images: remove the image and send again."
                 return
+            from model.visual import load_image
+
+            images = load_image(image, model.visual.preprocess).unsqueeze(0)
         try:
             params = SamplingParams(
                 max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
@@ -380,7 +387,7 @@ def web(chat, group: Group, opts, log) -> None:
             yield history, message, str(e)
             return
         turns = turns_of(history)
-        reply = answer(chat, group.share((turns, message, params)))
+        reply = answer(chat, group.share((turns, message, params, images)))
         status = " ".join(f"Note: {n}." for n in reply.notes)
         history += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         yield history, "", status
@@ -408,7 +415,7 @@ def web(chat, group: Group, opts, log) -> None:
             )  # fmt: skip
             send = gr.Button("Send", variant="primary", elem_id="send", scale=1)
             clear = gr.Button("Clear", elem_id="clear", scale=1)
-        # the multimodal hook: shown only for models that take images (none yet); read_image checks the file
+        # shown only for models that take images (a visual_backbone); read_image checks the file first
         image = gr.File(label="Image", file_types=["image"], visible=multimodal, elem_id="image")
         status = gr.Markdown(elem_id="status")
         with gr.Accordion("Sampling", open=True):

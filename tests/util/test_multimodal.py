@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,52 @@ def test_main_finetune_trains_on_images_and_a_text_model_is_refused(env, tmp_pat
     text_only = env.argv(tmp_path / "out2", "--data_config", str(data), "--max_iters", "1")
     with pytest.raises(ValueError, match="image_conversation data needs a model with a visual backbone"):
         main_finetune.main(text_only)
+
+
+def test_web_page_takes_an_image_for_a_multimodal_model(env, tmp_path):
+    import socket
+    import time
+    import urllib.request
+
+    from gradio_client import Client, handle_file
+
+    args = _visual_args(tmp_path)
+    config = tmp_path / "visual.json"
+    config.write_text(json.dumps(args.to_dict()))
+    Image.new("RGB", (50, 40), (10, 200, 30)).save(tmp_path / "pic.png")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [
+        sys.executable, str(ROOT / "demo.py"), "--tokenizer_path", str(env.tokenizer), "--pretrained_path",
+        str(env.base), "--llama_config", str(config), "--quant", "none", "--dtype", "fp32", "--web", "--port",
+        str(port), "--temperature", "0",
+    ]  # fmt: skip
+    log = tmp_path / "web.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                with urllib.request.urlopen(url, timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.3)
+        client = Client(url, verbose=False)
+        history, _, status = client.predict(
+            "What is this?", [], handle_file(str(tmp_path / "pic.png")), 0, 1, 0, 6, 1, api_name="/respond"
+        )
+        assert "takes no images" not in status and "could not read" not in status, status
+        assert history and history[-1]["role"] == "assistant", history
+        (tmp_path / "bad.png").write_bytes(b"nope")
+        _, _, status = client.predict("again", [], handle_file(str(tmp_path / "bad.png")), 0, 1, 0, 6, 1,
+                                      api_name="/respond")  # fmt: skip
+        assert "could not read the image" in status and proc.poll() is None  # and the server keeps serving
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
