@@ -1599,13 +1599,9 @@ def save_model(
     Under data parallelism only data-parallel rank 0 writes (the other replicas hold the same values).
     Returns the file this process wrote, or None if it wrote nothing.
     """
-    from fairscale.nn.model_parallel import initialize as fs_mp
-
-    rank, world_size = 0, 1
-    if fs_mp.model_parallel_is_initialized():
-        if fs_mp.get_data_parallel_rank() != 0:
-            return None
-        rank, world_size = fs_mp.get_model_parallel_rank(), fs_mp.get_model_parallel_world_size()
+    writes, rank, world_size = _parallel_position()
+    if not writes:
+        return None
     tensors, dims = model_state(model, trainable_only=trainable_only)
     return save_checkpoint(
         out_dir, tensors, shard_dims=dims, rank=rank, world_size=world_size, config=config,
@@ -1763,13 +1759,9 @@ def export_meta(model: torch.nn.Module, out_dir: str | Path, *, params: dict[str
     Refuses quantized weights and tensors Meta's layout has no place for (adapters, tuning biases): merge or
     drop them first.
     """
-    from fairscale.nn.model_parallel import initialize as fs_mp
-
-    rank = 0
-    if fs_mp.model_parallel_is_initialized():
-        if fs_mp.get_data_parallel_rank() != 0:
-            return None
-        rank = fs_mp.get_model_parallel_rank()
+    writes, rank, _ = _parallel_position()
+    if not writes:
+        return None
     tensors, _ = model_state(model)
     extra = sorted(k for k in tensors if not _META_KEY.match(k))
     if extra:

@@ -6,9 +6,8 @@ import torch
 
 from model.build import build_model
 from model.tokenizer import train_tokenizer
-from tests.helpers import params_of, random_state_dict, tiny_args
+from tests.helpers import write_tiny_checkpoint
 from tests.multiprocess import run_multiprocess
-from util.checkpoint import write_meta_checkpoint
 from util.dist import init_distributed
 from util.generate import (
     Chat,
@@ -31,9 +30,8 @@ NEW = 9
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    args = tiny_args()
     path = tmp_path_factory.mktemp("gen_ckpt")
-    write_meta_checkpoint(path, random_state_dict(args, seed=7), params=params_of(args))
+    write_tiny_checkpoint(path, seed=7)
     return path
 
 

@@ -10,7 +10,7 @@ import torch
 from model.args import ModelArgs
 from model.build import build_model
 from model.llama import Transformer
-from tests.helpers import params_of, random_state_dict, tiny_args
+from tests.helpers import params_of, random_state_dict, tiny_args, write_tiny_checkpoint
 from tests.multiprocess import run_multiprocess
 from util import quant as quant_mod
 from util.checkpoint import CheckpointError, open_checkpoint, save_quantized, write_meta_checkpoint
@@ -25,9 +25,8 @@ N_QUANT = 7 * tiny_args().n_layers  # wq wk wv wo w1 w2 w3 per block (the output
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    args = tiny_args()
     path = tmp_path_factory.mktemp("fp")
-    write_meta_checkpoint(path, random_state_dict(args, seed=5), params=params_of(args))
+    write_tiny_checkpoint(path, seed=5)
     return path
 
 
