@@ -95,8 +95,8 @@ def load(opts: argparse.Namespace, log):
     import torch
 
     from model.args import ModelArgs
-    from model.build import build_model
-    from model.tokenizer import Tokenizer
+    from util.build import build_model
+    from util.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(opts.tokenizer_path)
     args = None
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                     "use a multimodal model or drop --image"
                 )
                 return 2
-            from model.visual import load_image
+            from util.images import load_image
 
             try:
                 images = load_image(opts.image, model.visual.preprocess).unsqueeze(0)
@@ -375,7 +375,7 @@ def web(chat, group: Group, opts, log) -> None:
             if not multimodal:
                 yield history, message, "This model takes no images: remove the image and send again."
                 return
-            from model.visual import load_image
+            from util.images import load_image
 
             images = load_image(image, model.visual.preprocess).unsqueeze(0)
         try:

@@ -6,7 +6,7 @@
         --pretrained_path llama-2-7b --tokenizer_path llama-2-7b/tokenizer.model --quant 4bit \\
         --data_config data/quickstart.yaml --output_dir out/7b-qlora
 
-Thin: arguments -> model.build.build_model (meta -> quantize -> adapters -> materialize and load -> verify) ->
+Thin: arguments -> util.build.build_model (meta -> quantize -> adapters -> materialize and load -> verify) ->
 util.train.Trainer -> <output_dir>/final (trainable-only or full model + params.json with the full config +
 tokenizer.model). The config is the checkpoints' params.json/config.json, then --llama_config files on top
 (later wins). Every data-parallel rank builds and quantizes its own base from the real weights.
@@ -27,12 +27,12 @@ from fairscale.nn.model_parallel import initialize as fs_mp
 from torch import nn
 
 from model.args import ModelArgs, read_config_json
-from model.build import build_model
-from model.tokenizer import Tokenizer
+from util.build import build_model
 from util.checkpoint import open_checkpoint
 from util.data import InstructionDataset, load_data_config
 from util.dist import init_distributed, init_process_group
 from util.quickstart import DATA_CONFIG, QUICKSTART_DIR, prepare_quickstart
+from util.tokenizer import Tokenizer
 from util.train import PRECISIONS, Trainer, config_from, resolve_resume
 
 log = logging.getLogger("main_finetune")

@@ -10,7 +10,7 @@
 2. Each flow runs in its own fresh process (`--child FLOW`), which prints one JSON line: build wall time (after
    imports), peak RSS (VmHWM), the model's tensor bytes (quantized sizes), and logits of a tiny forward pass
    (not timed) that proves the model works and lets the flows be compared with each other.
-      lazy   model.build.build_model(None, [ckpt], quant=...): meta build -> quantize -> materialize per tensor
+      lazy   util.build.build_model(None, [ckpt], quant=...): meta build -> quantize -> materialize per tensor
       naive  eager bf16 Transformer(args) with real init, whole checkpoint read into a state dict,
              load_state_dict, then quantize_model (skipped when it cannot fit in memory)
       hf     transformers' from_pretrained(BitsAndBytesConfig(load_in_4bit, nf4, double quant), device_map=cpu)
@@ -305,8 +305,8 @@ def child_lazy(ckpt: Path, quant: str, trace: bool) -> dict:
     import torch
 
     import util.lazy_init as lazy_init
-    from model.build import build_model
     from util import memory
+    from util.build import build_model
 
     after_imports = {"rss_after_imports": rss(), "hwm_after_imports": hwm()}
     # materialize_and_load resets the kernel's peak counter to report its own stage; the bench wants the whole

@@ -68,7 +68,7 @@ def child_write(shape: str, out: Path) -> dict:
     import torch
 
     from model.args import preset
-    from model.build import build_model
+    from util.build import build_model
     from util.checkpoint import write_hf_checkpoint
 
     args = preset(shape)
@@ -84,7 +84,7 @@ def child_ours(shape: str, quant: str, ckpt: Path, opts) -> dict:
     import torch
 
     from model.args import preset
-    from model.build import build_model
+    from util.build import build_model
     from util.generate import SamplingParams, generate
 
     args = preset(shape)

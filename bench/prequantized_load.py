@@ -85,8 +85,8 @@ def child_prepare(src: Path, out: Path, quant: str) -> dict:
     import bitsandbytes  # noqa: F401
     import torch
 
-    from model.build import build_model
     from util import memory
+    from util.build import build_model
     from util.checkpoint import save_quantized
 
     memory.reset_peak_rss = lambda: False  # the whole process's peak, like every other child
@@ -125,8 +125,8 @@ def child_load(out: Path, quant: str) -> dict:
     import bitsandbytes  # noqa: F401
     import torch
 
-    from model.build import build_model
     from util import memory
+    from util.build import build_model
 
     after_imports = {"rss_after_imports": rss(), "hwm_after_imports": hwm()}
     memory.reset_peak_rss = lambda: False

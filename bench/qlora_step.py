@@ -83,7 +83,7 @@ def child_ours(opts) -> dict:
     import torch
 
     from model.args import preset
-    from model.build import build_model
+    from util.build import build_model
     from util.train import clip_grad_norm_, enable_activation_checkpointing, param_groups, token_loss, upcast_trainable_
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

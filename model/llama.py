@@ -163,7 +163,7 @@ class Transformer(nn.Module):
         start_pos=None: training forward (causal, no cache). start_pos=int: decoding step that reads and
         extends the KV cache from that position. prefix: [batch, adapter_len, dim] added to the LLaMA-Adapter
         prompts (the multimodal variant's visual tokens); needs an adapter config. images: [batch, 3, H, W]
-        preprocessed for the visual backbone (model.visual.load_image): image tokens before the text
+        preprocessed for the visual backbone (util.images.load_image): image tokens before the text
         ("tokens" mode; only with start_pos None or 0) or the adapter prefix ("prefix" mode).
         """
         h = self.tok_embeddings(tokens)

@@ -14,15 +14,14 @@ owns its init. Two ways into the LLM:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.args import ModelArgs
+from model.init import real_init
 from model.layers.parallel import init_sharded_, normal_fill, uniform_fill
-from util.lazy_init import real_init
 
 
 def create_backbone(spec: str, kwargs: dict | None = None) -> tuple[nn.Module, dict]:
@@ -150,30 +149,3 @@ class VisualEncoder(nn.Module):
         begin = self.markers.begin.to(dtype).expand(b, 1, -1)
         end = self.markers.end.to(dtype).expand(b, 1, -1)
         return torch.cat([begin, x, end], dim=1)
-
-
-def load_image(path: str | Path, preprocess: dict) -> torch.Tensor:
-    """Read an image file as the backbone expects it: RGB, shortest side resized (bicubic), center crop,
-    normalized with the backbone's mean/std -> [3, size, size] fp32."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable image ({e}); use a PNG/JPEG/WebP file") from None
-    return preprocess_image(img, preprocess)
-
-
-def preprocess_image(img, preprocess: dict) -> torch.Tensor:
-    from torchvision.transforms import functional as TF
-
-    size = preprocess["size"]
-    img = img.convert("RGB")
-    img = TF.resize(img, size, interpolation=TF.InterpolationMode.BICUBIC)
-    img = TF.center_crop(img, [size, size])
-    x = TF.to_tensor(img)
-    return TF.normalize(x, preprocess["mean"], preprocess["std"])

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from model.tokenizer import train_tokenizer
 from tests.helpers import params_of, random_state_dict, tiny_args
 from util.checkpoint import write_meta_checkpoint
 from util.data import load_data_config, source_texts
+from util.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = REPO / "data" / "quickstart.yaml"

@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from model.args import ModelArgs
-from model.build import build_model
-from model.tokenizer import Tokenizer, train_tokenizer
 from tests.helpers import params_of, tiny_args
+from util.build import build_model
 from util.checkpoint import save_model, write_meta_checkpoint
 from util.generate import Chat, SamplingParams
 from util.templates import chat_prompt
+from util.tokenizer import Tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "demo.py")

@@ -17,11 +17,11 @@ from fairscale.nn.model_parallel import initialize as fs_mp
 
 import main_finetune
 from model.args import ModelArgs
-from model.build import build_model
-from model.tokenizer import Tokenizer
 from tests.finetune_env import REPO, TOKENS, make_env
 from tests.multiprocess import run_multiprocess
+from util.build import build_model
 from util.checkpoint import open_checkpoint
+from util.tokenizer import Tokenizer
 from util.train import SAVE_PAUSE_ENV, TRAIN_STATE, clip_grad_norm_, shard_dims_of
 
 STEPS = 8

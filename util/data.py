@@ -34,8 +34,8 @@ import torch
 import yaml
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from model.tokenizer import Tokenizer
 from util.templates import ALPACA_HEADER, ALPACA_HEADER_INPUT, CHAT_HEADER, alpaca_prompt, chat_segments
+from util.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +350,7 @@ class InstructionDataset(Dataset):
             return torch.tensor(tokens), torch.tensor(labels)
         if self.preprocess is None:
             raise DataError("image_conversation data needs the visual backbone's preprocessing: a visual model")
-        from model.visual import load_image
+        from util.images import load_image
 
         return torch.tensor(tokens), torch.tensor(labels), load_image(self.images[i], self.preprocess)
 

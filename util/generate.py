@@ -140,7 +140,7 @@ def decode(
     true. vocab_size: never produce ids at or above it (a model whose embedding is larger than its tokenizer).
     prefix: the LLaMA-Adapter prefix (multimodal), passed to every forward.
     images: [batch, 3, S, S] (or one [3, S, S] for every prompt), preprocessed for the model's visual backbone
-    (model.visual.load_image). "tokens" mode: the image goes before the text with the prompt's forward, and the
+    (util.images.load_image). "tokens" mode: the image goes before the text with the prompt's forward, and the
     decoding steps continue after its positions; "prefix" mode: the image goes with every forward.
     Every prompt must fit: image positions + len(prompt) + max_new_tokens <= max_seq_len (see fit_prompt).
     """

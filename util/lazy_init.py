@@ -17,7 +17,6 @@ memory stays near the size of the finished model.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import hashlib
 import logging
@@ -30,6 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from model.init import meta_init as meta_init  # re-exported: the public API is util.lazy_init.meta_init
+from model.init import real_init as real_init
 from model.layers.parallel import mp_rank, mp_world_size
 from util import memory
 from util.checkpoint import CheckpointReader, open_checkpoint, packed_key
@@ -39,51 +40,6 @@ log = logging.getLogger(__name__)
 
 # Keys some checkpoints carry that this model computes itself (Meta's rope table, HF's rotary inv_freq).
 IGNORED_CHECKPOINT_KEYS = ("rope.freqs", "*.inv_freq")
-
-_meta_depth = 0
-_outer_device: list[torch.device] = []
-
-
-@contextlib.contextmanager
-def meta_init(dtype: torch.dtype | None = None) -> Iterator[None]:
-    """Modules created inside hold meta tensors only (no storage, no init work), of `dtype` if given.
-
-    The global default device and dtype are restored on exit, also when the body raises.
-    """
-    global _meta_depth
-    old_dtype = torch.get_default_dtype()
-    _outer_device.append(torch.get_default_device())
-    _meta_depth += 1
-    try:
-        if dtype is not None:
-            torch.set_default_dtype(dtype)
-        with torch.device("meta"):
-            yield
-    finally:
-        _meta_depth -= 1
-        _outer_device.pop()
-        torch.set_default_dtype(old_dtype)
-
-
-@contextlib.contextmanager
-def real_init(dtype: torch.dtype | None = None) -> Iterator[None]:
-    """Escape hatch inside meta_init(): build real modules (e.g. a visual backbone that brings its own weights).
-
-    Tensors are created on the device that was the default outside meta_init, in `dtype` (default: fp32, since
-    third-party constructors expect it). Default state is restored on exit, also when the body raises.
-    """
-    old_dtype = torch.get_default_dtype()
-    device = _outer_device[-1] if _outer_device else torch.get_default_device()
-    try:
-        torch.set_default_dtype(dtype or torch.float32)
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(old_dtype)
-
-
-def in_meta_init() -> bool:
-    return _meta_depth > 0
 
 
 @dataclass

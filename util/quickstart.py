@@ -27,10 +27,10 @@ import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_mp
 
 from model.args import preset
-from model.build import build_model
-from model.tokenizer import Tokenizer, train_tokenizer
+from util.build import build_model
 from util.checkpoint import write_meta_checkpoint
 from util.data import InstructionDataset, load_data_config, source_texts
+from util.tokenizer import Tokenizer, train_tokenizer
 from util.train import TrainConfig, Trainer, publish_dir
 
 log = logging.getLogger(__name__)

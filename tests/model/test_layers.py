@@ -1,9 +1,9 @@
 import torch
 
+from model.init import meta_init
 from model.layers import ColumnParallelLinear, ParallelEmbedding, RMSNorm, RotaryEmbedding, RowParallelLinear
 from model.layers import parallel as par
 from model.layers.parallel import init_sharded_, linear_weight_fill
-from util.lazy_init import meta_init
 
 
 def _full_init(shape, shard_dim, world_size, seed, fill):

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from model.build import build_model
 from model.llama import Transformer
 from tests.helpers import params_of, random_state_dict, reference_forward, tiny_args
+from util.build import build_model
 from util.checkpoint import write_hf_checkpoint, write_meta_checkpoint
 
 

@@ -7,10 +7,10 @@ from torch import nn
 
 from model.adapter import AdapterGate
 from model.args import ModelArgs
-from model.build import build_model
 from model.layers import ColumnParallelLinear, RowParallelLinear
 from model.peft import LoRA, add_lora, merge_lora
 from tests.helpers import params_of, write_tiny_checkpoint
+from util.build import build_model
 from util.checkpoint import CheckpointError, export_meta, save_model
 from util.quant import QUANT_MODES, QuantLinear
 

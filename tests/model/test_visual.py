@@ -8,11 +8,12 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from model.build import build_model
 from model.llama import Transformer
-from model.visual import create_backbone, load_image
+from model.visual import create_backbone
 from tests.helpers import params_of, random_state_dict, tiny_args
+from util.build import build_model
 from util.checkpoint import CheckpointError, write_meta_checkpoint
+from util.images import load_image
 from util.lazy_init import materialize_and_load, meta_init
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from model.build import build_model
 from tests.helpers import params_of, random_state_dict, tiny_args
+from util.build import build_model
 from util.checkpoint import write_meta_checkpoint
 
 pytestmark = pytest.mark.gpu

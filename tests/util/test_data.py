@@ -9,7 +9,6 @@ import pickle
 import pytest
 import torch
 
-from model.tokenizer import Tokenizer, train_tokenizer
 from util.data import (
     IGNORE_INDEX,
     DataError,
@@ -23,6 +22,7 @@ from util.data import (
     read_source,
 )
 from util.templates import alpaca_prompt, chat_prompt
+from util.tokenizer import Tokenizer, train_tokenizer
 
 ALPACA = [
     {"instruction": "What is the opposite of hot?", "input": "", "output": "The opposite of hot is cold."},

@@ -4,10 +4,9 @@ crafted logits, seeded reproducibility, streaming text with stop strings, and fi
 import pytest
 import torch
 
-from model.build import build_model
-from model.tokenizer import train_tokenizer
 from tests.helpers import write_tiny_checkpoint
 from tests.multiprocess import run_multiprocess
+from util.build import build_model
 from util.dist import init_distributed
 from util.generate import (
     Chat,
@@ -23,6 +22,7 @@ from util.generate import (
     next_tokens,
     stream_text,
 )
+from util.tokenizer import train_tokenizer
 
 PROMPTS = [[1, 17, 42, 7, 99, 3, 250], [1, 5], [1, 300, 301, 302, 8]]  # different lengths, shortest in the middle
 NEW = 9

@@ -2,11 +2,11 @@ import pytest
 import torch
 from torch import nn
 
-from model.build import build_model
 from model.layers import RotaryEmbedding
 from model.llama import Transformer
 from tests.helpers import params_of, tiny_args, write_tiny_checkpoint
 from util import lazy_init
+from util.build import build_model
 from util.checkpoint import CheckpointError, open_checkpoint, write_meta_checkpoint
 from util.lazy_init import materialize_and_load, meta_init, real_init
 from util.quant import QuantLinear, quantize_model

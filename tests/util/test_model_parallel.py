@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from model.build import build_model
 from model.llama import Transformer
 from tests.helpers import tiny_args, write_tiny_checkpoint
 from tests.multiprocess import run_multiprocess
+from util.build import build_model
 from util.checkpoint import save_model
 from util.dist import init_distributed
 from util.lazy_init import materialize_and_load, meta_init

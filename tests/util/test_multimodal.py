@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from model.build import build_model
 from tests.finetune_env import make_env
 from tests.helpers import tiny_args
 from tests.model.test_visual import BACKBONES, _weights
+from util.build import build_model
 from util.data import DataError, InstructionDataset, collate, load_data_config
 from util.generate import SamplingParams, generate
 from util.train import TrainConfig, Trainer

@@ -8,11 +8,11 @@ import safetensors.torch
 import torch
 
 from model.args import ModelArgs
-from model.build import build_model
 from model.llama import Transformer
 from tests.helpers import params_of, random_state_dict, tiny_args, write_tiny_checkpoint
 from tests.multiprocess import run_multiprocess
 from util import quant as quant_mod
+from util.build import build_model
 from util.checkpoint import CheckpointError, open_checkpoint, save_quantized, write_meta_checkpoint
 from util.dist import init_distributed
 from util.lazy_init import materialize_and_load, meta_init

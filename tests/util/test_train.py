@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.build import build_model
 from tests.finetune_env import TOKENS, make_env
 from tests.helpers import tiny_args
+from util.build import build_model
 from util.data import InstructionDataset, load_data_config
 from util.train import (
     TrainConfig,

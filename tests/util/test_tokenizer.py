@@ -1,7 +1,7 @@
 import pytest
 
-from model.tokenizer import Tokenizer, train_tokenizer
 from util.templates import alpaca_prompt, chat_prompt, chat_segments
+from util.tokenizer import Tokenizer, train_tokenizer
 
 
 def test_train_encode_decode_round_trip(tmp_path):
