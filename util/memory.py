@@ -12,7 +12,9 @@ import torch
 _libc = None
 
 
-def _c() -> ctypes.CDLL | None:
+def libc() -> ctypes.CDLL | None:
+    """The C library, loaded once for the process (malloc_trim here, madvise in util.checkpoint.release); None if
+    it cannot be loaded."""
     global _libc
     if _libc is None:
         try:
@@ -24,9 +26,9 @@ def _c() -> ctypes.CDLL | None:
 
 def malloc_trim() -> None:
     """Give the C heap's free pages back to the OS (glibc keeps freed quantizer temporaries otherwise)."""
-    libc = _c()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+    c = libc()
+    if c is not None and hasattr(c, "malloc_trim"):
+        c.malloc_trim(0)
 
 
 def _status_kib(field: str) -> int | None:

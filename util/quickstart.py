@@ -29,9 +29,10 @@ from fairscale.nn.model_parallel import initialize as fs_mp
 from model.args import preset
 from util.build import build_model
 from util.checkpoint import write_meta_checkpoint
+from util.checkpoint.files import publish_dir
 from util.data import InstructionDataset, load_data_config, source_texts
 from util.tokenizer import Tokenizer, train_tokenizer
-from util.train import TrainConfig, Trainer, publish_dir
+from util.train import TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
 

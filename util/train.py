@@ -47,6 +47,7 @@ from tqdm import tqdm
 from model.args import ModelArgs
 from util import memory
 from util.checkpoint import model_state, save_checkpoint
+from util.checkpoint.files import publish_dir
 from util.data import IGNORE_INDEX, InstructionDataset, ResumableDistributedSampler, make_loader
 from util.lr_sched import lr_at, set_lr
 
@@ -309,31 +310,6 @@ def _load_pt(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete or from another world size")
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def publish_dir(tmp: Path, final: Path) -> None:
-    """Make `tmp` appear as `final` in one rename (replacing an older `final`)."""
-    for f in tmp.iterdir():  # file contents durable before the rename that publishes them
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    old = None
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

@@ -16,6 +16,7 @@ import safetensors.torch
 import torch
 
 import util.checkpoint as ckpt
+import util.checkpoint.safetensors as st
 from util.checkpoint import (
     CheckpointError,
     hf_permute_qk,
@@ -448,7 +449,7 @@ def test_own_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     old, new = make_state_dict(seed=1), make_state_dict(seed=2)
     _save_own(tmp_path, old, 1, config=PARAMS)
     before = sorted(p.name for p in tmp_path.iterdir())
-    real, calls = ckpt._tensor_bytes, []
+    real, calls = st._tensor_bytes, []
 
     def crash_half_way(t: torch.Tensor) -> memoryview:
         calls.append(1)
@@ -456,7 +457,7 @@ def test_own_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
             raise OSError("disk full (simulated)")
         return real(t)
 
-    monkeypatch.setattr(ckpt, "_tensor_bytes", crash_half_way)
+    monkeypatch.setattr(st, "_tensor_bytes", crash_half_way)
     with pytest.raises(OSError, match="simulated"):
         _save_own(tmp_path, new, 1, config=PARAMS | {"dim": 999})
     assert len(calls) > 1  # it really failed mid-file

@@ -311,8 +311,8 @@ def _split_save(path, sd, world_size, dims):
 
 @pytest.mark.parametrize("fmt", ["lazyllama-1", "lazyllama-2", "hf", "meta"])
 def test_read_into_equals_read(tmp_path, monkeypatch, fmt):
-    from util import checkpoint as ck
     from util.checkpoint import meta_split_dim, write_hf_checkpoint
+    from util.checkpoint import reader as ck
 
     args = tiny_args()
     sd = random_state_dict(args, seed=2, dtype=torch.bfloat16)
@@ -344,7 +344,7 @@ def test_read_into_equals_read(tmp_path, monkeypatch, fmt):
 
 
 def test_read_into_reads_the_file_not_the_mapping(tmp_path, monkeypatch):
-    from util.checkpoint import _SafetensorsFile
+    from util.checkpoint.safetensors import SafetensorsFile
 
     sd = {"a": torch.randn(6, 4), "b": torch.randn(6, 4).bfloat16()}
     _split_save(tmp_path, sd, 2, {"a": 0, "b": 1})
@@ -353,7 +353,7 @@ def test_read_into_reads_the_file_not_the_mapping(tmp_path, monkeypatch):
     def no_mapping(self, name):
         raise AssertionError("read_into touched the mapping")
 
-    monkeypatch.setattr(_SafetensorsFile, "tensor", no_mapping)
+    monkeypatch.setattr(SafetensorsFile, "tensor", no_mapping)
     out = torch.empty(3, 4)
     assert torch.equal(reader.read_into("a", out, shard_dim=0, rank=1, world_size=2), sd["a"][3:])
     full = torch.empty(6, 4)

@@ -1,0 +1,256 @@
+"""The functions that walk a model's nn.Modules to save it: `model_state` / `save_model` (full precision, this
+project's lazyllama format), `quantized_model_state` / `save_quantized` (pre-quantized lazyllama: packed weights
+loaded without quantizing again), and `export_meta` (Meta's format, to serve with any LLaMA code).
+
+Each model-parallel rank saves its own slices; only data-parallel rank 0 writes. Modules are duck-typed (their
+`shard_dims`, and the packed-weight methods of util.quant.QuantLinear): nothing here imports model/ or
+util.quant.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from util.checkpoint.errors import CheckpointError
+from util.checkpoint.files import atomic_write, write_json
+from util.checkpoint.lazyllama import save_checkpoint
+
+
+def model_state(
+    model: torch.nn.Module, *, trainable_only: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, int | None]]:
+    """A model's persistent tensors (this rank's local slices) and each one's split dim.
+
+    Split dims come from the modules' `shard_dims` (the model-parallel layers declare them); anything else is
+    replicated. trainable_only keeps the parameters that require grad: the same predicate the optimizer uses.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    dims: dict[str, int | None] = {}
+    for mod_name, module in model.named_modules():
+        own = [(n, p, True) for n, p in module._parameters.items() if p is not None]
+        own += [
+            (n, b, False)
+            for n, b in module._buffers.items()
+            if b is not None and n not in module._non_persistent_buffers_set
+        ]
+        for name, t, is_param in own:
+            key = f"{mod_name}.{name}" if mod_name else name
+            if trainable_only and not (is_param and t.requires_grad):
+                continue
+            if t.dtype in (torch.uint8, torch.int8) and hasattr(t, "quant_state") or hasattr(t, "SCB"):
+                raise CheckpointError(
+                    f"{key} is a quantized weight: save a quantized model with save_quantized (packed weights, "
+                    "loaded without quantizing again), or save trainable_only=True (the base stays in its checkpoint)"
+                )
+            tensors[key] = t.detach()
+            dims[key] = getattr(module, "shard_dims", {}).get(name)
+    return tensors, dims
+
+
+def save_model(
+    model: torch.nn.Module,
+    out_dir: str | Path,
+    *,
+    config: dict[str, Any] | None = None,
+    trainable_only: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> Path | None:
+    """Save a (possibly model-parallel) model in this project's format: each model-parallel rank its shard.
+
+    Under data parallelism only data-parallel rank 0 writes (the other replicas hold the same values).
+    Returns the file this process wrote, or None if it wrote nothing.
+    """
+    writes, rank, world_size = _parallel_position()
+    if not writes:
+        return None
+    tensors, dims = model_state(model, trainable_only=trainable_only)
+    return save_checkpoint(
+        out_dir,
+        tensors,
+        shard_dims=dims,
+        rank=rank,
+        world_size=world_size,
+        config=config,
+        trainable_only=trainable_only,
+        extra=extra,
+    )
+
+
+def _parallel_position() -> tuple[bool, int, int]:
+    """(writes, model-parallel rank, model-parallel size) of this process: only data-parallel rank 0 writes."""
+    from fairscale.nn.model_parallel import initialize as fs_mp
+
+    if not fs_mp.model_parallel_is_initialized():
+        return True, 0, 1
+    return (
+        fs_mp.get_data_parallel_rank() == 0,
+        fs_mp.get_model_parallel_rank(),
+        fs_mp.get_model_parallel_world_size(),
+    )
+
+
+def packed_key(weight_key: str, name: str) -> str:
+    """The checkpoint key of one tensor of a pre-quantized weight, e.g. `layers.0.attention.wq.weight.packed`."""
+    return f"{weight_key}.{name}"
+
+
+def _is_packed_linear(module: torch.nn.Module) -> bool:
+    # duck-typed util.quant.QuantLinear (this module imports nothing from util.quant)
+    return all(callable(getattr(module, a, None)) for a in ("packed_tensors", "quant_settings", "packed_layout"))
+
+
+def quantized_model_state(
+    model: torch.nn.Module, *, adapters: bool = True, world_size: int = 1
+) -> tuple[dict[str, torch.Tensor], dict[str, int | None], dict[str, Any]]:
+    """A quantized model's tensors for `save_quantized`: (tensors, split dims, quantization section).
+
+    Each quantized linear contributes its packed weight + quantization state under `packed_key(weight key, name)`
+    (this rank's own tensors: split dim 0, written by every rank) instead of the weight; everything else is as
+    `model_state` gives it. adapters=False leaves out the tensors of modules that are new on top of a base model
+    (those declaring `init_when_missing`: LoRA, bias tuning, LLaMA-Adapter prompts and gates, and their children).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    dims: dict[str, int | None] = {}
+    weights: dict[str, dict[str, Any]] = {}
+    settings: dict[str, Any] | None = None
+    first = ""
+    skipped: list[str] = []
+    for mod_name, module in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        if not adapters and (
+            getattr(module, "init_when_missing", False) or any(mod_name.startswith(p) for p in skipped)
+        ):
+            skipped.append(prefix)
+            continue
+        packed_linear = _is_packed_linear(module)
+        if packed_linear:
+            key = prefix + "weight"
+            mine = module.quant_settings()
+            if settings is None:
+                settings, first = mine, key
+            elif mine != settings:
+                raise CheckpointError(
+                    f"save_quantized: {key} is quantized as {mine} but {first} as {settings}; a pre-quantized "
+                    "checkpoint holds one quantization setting (quantize the model with one mode)"
+                )
+            packed = module.packed_tensors()
+            for name, t in packed.items():
+                tensors[packed_key(key, name)] = t.detach()
+                dims[packed_key(key, name)] = 0
+            weights[key] = {
+                "shape": list(module.local_shape),
+                "shard_dim": module.shard_dims.get("weight"),
+                "dtype": str(module.weight_dtype).removeprefix("torch."),
+                "tensors": list(packed),
+            }
+        own = [(n, p) for n, p in module._parameters.items() if p is not None and not (packed_linear and n == "weight")]
+        own += [
+            (n, b) for n, b in module._buffers.items() if b is not None and n not in module._non_persistent_buffers_set
+        ]
+        for name, t in own:
+            key = prefix + name
+            if hasattr(t, "quant_state") or hasattr(t, "SCB"):
+                raise CheckpointError(
+                    f"save_quantized: {key} is a quantized weight outside util.quant.QuantLinear; quantize the model "
+                    "with util.quant.quantize_model"
+                )
+            if t.device.type == "meta":
+                raise CheckpointError(f"save_quantized: {key!r} is still on the meta device (not materialized)")
+            tensors[key] = t.detach()
+            dims[key] = getattr(module, "shard_dims", {}).get(name)
+    if settings is None:
+        raise CheckpointError(
+            "save_quantized: the model has no quantized linear layers (built without quant?); build it with "
+            "quant='4bit' / '4bit_fp4' / '8bit', or save a full-precision model with save_model"
+        )
+    dtypes = {w["dtype"] for w in weights.values()}
+    quantization = {
+        **settings,
+        "model_parallel_size": world_size,
+        "dtype": dtypes.pop() if len(dtypes) == 1 else "mixed",
+        "adapters": adapters,
+        "weights": weights,
+    }
+    return tensors, dims, quantization
+
+
+def save_quantized(
+    model: torch.nn.Module,
+    out_dir: str | Path,
+    *,
+    config: dict[str, Any] | None = None,
+    adapters: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> Path | None:
+    """Save a quantized model so it can be loaded without quantizing again ("pre-quantized" lazyllama).
+
+    Writes, per model-parallel rank (only data-parallel rank 0 writes; every model-parallel rank must call it),
+    consolidated.NN.safetensors atomically: each quantized linear's packed weight and quantization state
+    (`QuantLinear.packed_layout`: 4-bit packed uint8 data, absmax, quant_map, nested absmax / quant_map / offset;
+    8-bit CB + SCB) under `<weight key>.<name>`, and every other tensor (embeddings, norms, output head, and with
+    adapters=True the adapter tensors - LoRA, bias tuning, LLaMA-Adapter) as it is. Rank 0 writes params.json
+    (`config`, default `model.args.to_dict()`) and lazyllama.json with a "quantization" section: mode, bits,
+    quant_type, blocksize, compress_statistics (nested_blocksize), model_parallel_size, dtype, and per packed weight
+    its local shape, split dim and tensor names.
+
+    adapters=False saves the base only (the adapter modules' tensors are left out; the config is saved as given,
+    so a build from it initializes fresh adapters). Load with
+    `build_model(None, [out_dir], quant=<the same mode>)` at the same model-parallel size: the packed weights are
+    adopted as they are (report.quantized == 0).
+    Returns the file this process wrote, or None if it wrote nothing.
+    """
+    writes, rank, world_size = _parallel_position()
+    tensors, dims, quantization = quantized_model_state(model, adapters=adapters, world_size=world_size)
+    if not writes:
+        return None
+    if config is None:
+        args = getattr(model, "args", None)
+        config = args.to_dict() if callable(getattr(args, "to_dict", None)) else None
+    return save_checkpoint(
+        out_dir,
+        tensors,
+        shard_dims=dims,
+        rank=rank,
+        world_size=world_size,
+        config=config,
+        extra=extra,
+        quantization=quantization,
+    )
+
+
+# Keys of Meta's layout (what `export_meta` can write and other LLaMA code can read).
+_META_KEY = re.compile(
+    r"^(tok_embeddings\.weight|norm\.weight|output\.weight|layers\.\d+\.(attention\.(wq|wk|wv|wo)"
+    r"|feed_forward\.(w1|w2|w3)|attention_norm|ffn_norm)\.weight)$"
+)
+
+
+def export_meta(model: torch.nn.Module, out_dir: str | Path, *, params: dict[str, Any]) -> Path | None:
+    """Write a full-precision model in Meta's format (consolidated.NN.pth per model-parallel rank + params.json),
+    e.g. after merge_lora, to serve it with any LLaMA code. Only data-parallel rank 0 writes.
+
+    Refuses quantized weights and tensors Meta's layout has no place for (adapters, tuning biases): merge or
+    drop them first.
+    """
+    writes, rank, _ = _parallel_position()
+    if not writes:
+        return None
+    tensors, _ = model_state(model)
+    extra = sorted(k for k in tensors if not _META_KEY.match(k))
+    if extra:
+        raise CheckpointError(
+            f"export_meta({out_dir}): Meta's format has no place for {extra[:6]}{' ...' if len(extra) > 6 else ''}; "
+            "merge LoRA first (model.peft.merge_lora) and export models without adapters or tuning biases"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"consolidated.{rank:02d}.pth"
+    with atomic_write(target) as f:
+        torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, f)
+    if rank == 0:
+        write_json(out / "params.json", params)
+    return target
