@@ -197,10 +197,15 @@ def _open_dir(path: Path) -> LazyllamaReader:
     return LazyllamaReader(path, files, shard_dims, read_config(path / "params.json"), info)
 
 
+def _metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's `__metadata__` (its header is parsed and checked; no tensor is read)."""
+    f = SafetensorsFile(path)
+    f.close()
+    return f.metadata
+
+
 def _open_file(path: Path) -> LazyllamaReader:
-    st = SafetensorsFile(path)
-    md = st.metadata
-    st.close()
+    md = _metadata(path)
     if md.get("format") != "lazyllama":
         raise CheckpointError(f"{path}: not a lazyllama file (its safetensors metadata has no format=lazyllama)")
     ws = int(md.get("world_size", "1"))
@@ -213,17 +218,10 @@ def _open_file(path: Path) -> LazyllamaReader:
     return LazyllamaReader(path, [path], shard_dims, read_config(path.parent / "params.json"), {"file_metadata": md})
 
 
-def _is_lazyllama_file(path: Path) -> bool:
-    st = SafetensorsFile(path)
-    md = st.metadata
-    st.close()
-    return md.get("format") == "lazyllama"
-
-
 def detect(path: Path) -> bool:
     """A directory with lazyllama.json, or a .safetensors file whose metadata says format=lazyllama."""
     if path.is_file():
-        return path.suffix == ".safetensors" and _is_lazyllama_file(path)
+        return path.suffix == ".safetensors" and _metadata(path).get("format") == "lazyllama"
     return (path / INDEX).is_file()
 
 
@@ -239,13 +237,12 @@ def open_lazyllama(path: Path) -> LazyllamaReader:
 def refuse_interrupted_save(path: Path) -> None:
     """Raise if `path` holds lazyllama rank files but no lazyllama.json: a save that did not finish, which must
     not be read as some other format's safetensors."""
-    if any(_RANK_FILE_RE.fullmatch(c.name) for c in path.glob("*.safetensors")):
-        st = SafetensorsFile(next(path.glob("consolidated.*.safetensors")))
-        if st.metadata.get("format") == "lazyllama":
-            raise CheckpointError(
-                f"{path}: holds lazyllama consolidated.NN.safetensors files but no {INDEX} (the save "
-                "was interrupted before rank 0 wrote it?); save the checkpoint again"
-            )
+    rank_files = any(_RANK_FILE_RE.fullmatch(c.name) for c in path.glob("*.safetensors"))
+    if rank_files and _metadata(next(path.glob("consolidated.*.safetensors"))).get("format") == "lazyllama":
+        raise CheckpointError(
+            f"{path}: holds lazyllama consolidated.NN.safetensors files but no {INDEX} (the save "
+            "was interrupted before rank 0 wrote it?); save the checkpoint again"
+        )
 
 
 FORMAT = CheckpointFormat("lazyllama", detect, open_lazyllama, f"{INDEX} (lazyllama)")
