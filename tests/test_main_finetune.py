@@ -30,8 +30,7 @@ STEPS = 8
 def _session(rank, env, out):
     """Everything that needs two processes, in one spawn: QLoRA at dp 2 and at mp 2, full fine-tuning with DDP and
     with FSDP, and the model-parallel grad norm."""
-    from util.dist import init_distributed, init_process_group
-    from util.train import mp_group
+    from util.dist import init_distributed, init_process_group, mp_group
 
     init_process_group()
     results = {}
