@@ -133,8 +133,8 @@ def _trainer(env, tmp_path, **cfg):
 
 
 def test_keep_last_and_epoch_checkpoints(env, tmp_path):
-    trainer = _trainer(env, tmp_path, max_iters=7, accum_iter=2, save_iteration_interval=3, save_interval=1,
-                       keep_last=2, tensorboard=True)  # fmt: skip
+    saves = dict(save_iteration_interval=3, save_interval=1, keep_last=2)
+    trainer = _trainer(env, tmp_path, max_iters=7, accum_iter=2, tensorboard=True, **saves)
     assert len(trainer.dataset) == 16 and trainer.steps_per_epoch == 4  # 2 x 2 examples per step
     trainer.fit()
     # saved at 3, 4 (end of epoch 0), 6; the newest two kept
