@@ -7,9 +7,10 @@
 
 One optimizer step (`Trainer.train_step`), readable top to bottom:
   1. loss:         each micro-batch's summed next-token cross entropy over its labelled tokens, divided by the
-                   labelled tokens of the whole step (`micro_batch_loss`), so accumulation equals one large batch;
+                   labelled tokens of the whole step (`step_normalized_loss`), so accumulation is one large batch;
   2. accumulation: backward per micro-batch, gradients synchronized across data parallel on the last one only;
-  3. clipping:     the global grad norm over model-parallel shards (`clip_grad_norm_`), then AdamW at `lr_at`;
+  3. clipping:     the global grad norm over model-parallel shards (`clip_grad_norm_`), then AdamW at the
+                   schedule's learning rate (util.lr_sched.Schedule);
   4. logging:      the loss that was back-propagated (the sum of the micro-batch losses), averaged over the
                    data-parallel ranks as their gradients are.
 
@@ -57,7 +58,7 @@ from util import memory
 from util.checkpoint import model_state, save_checkpoint
 from util.data import IGNORE_INDEX, InstructionDataset, ResumableDistributedSampler, make_loader
 from util.dist import barrier, dp_group, mp_group, position
-from util.lr_sched import lr_at, set_lr
+from util.lr_sched import Schedule, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -531,9 +532,8 @@ class Trainer:
                 "or more data"
             )
         self.total_iters = cfg.max_iters or cfg.epochs * self.steps_per_epoch
-        self.warmup_iters = (
-            cfg.warmup_iters if cfg.warmup_iters is not None else round(cfg.warmup_epochs * self.steps_per_epoch)
-        )
+        warmup = cfg.warmup_iters if cfg.warmup_iters is not None else round(cfg.warmup_epochs * self.steps_per_epoch)
+        self.schedule = Schedule(cfg.lr, cfg.min_lr, warmup_iters=warmup, total_iters=self.total_iters)
 
     # --- one optimizer step ---------------------------------------------------------------------------
     def train_step(self, micro_batches: Sequence[tuple[torch.Tensor, ...]]) -> StepResult:
@@ -542,13 +542,7 @@ class Trainer:
         per_example = [labelled_targets(batch[1]) for batch in micro_batches]
         step_targets = int(sum(int(t.sum()) for t in per_example))
         loss = self._accumulate_gradients(micro_batches, step_targets)
-        lr = lr_at(
-            self.iteration,
-            lr=self.cfg.lr,
-            min_lr=self.cfg.min_lr,
-            warmup_iters=self.warmup_iters,
-            total_iters=self.total_iters,
-        )
+        lr = self.schedule(self.iteration)
         grad_norm = self._clip_and_update(lr)
         self.iteration += 1
         tokens = sum(batch[0].numel() for batch in micro_batches)
@@ -730,7 +724,7 @@ class Trainer:
             "model_parallel_size": self.pos.model_parallel_size,
             "steps_per_epoch": self.steps_per_epoch,
             "total_iters": self.total_iters,
-            "schedule": {"lr": self.cfg.lr, "min_lr": self.cfg.min_lr, "warmup_iters": self.warmup_iters},
+            "schedule": {"lr": self.cfg.lr, "min_lr": self.cfg.min_lr, "warmup_iters": self.schedule.warmup_iters},
         }
 
     def resume(self, ckpt: str | Path) -> None:
