@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> FinetuneResult:
         losses = trainer.fit()
         final = trainer.save_final(output_dir / "final", tokenizer.path)
         if info.is_main:
-            what = "trainable tensors" if cfg.only_save_trainable else "full model"
+            what = "trainable tensors" if trainer.only_save_trainable else "full model"
             print(f"fine-tuned {what} written to {final} (+ tokenizer.model, params.json)")
             if losses:
                 print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")

@@ -29,12 +29,10 @@ class FinetuneEnv:
         """main_finetune arguments for a run of a few steps (fp32 on CPU: exact and reproducible); LoRA r16 on the
         base unless lora=False (full fine-tuning)."""
         config = ["--llama_config", str(REPO / "configs" / "lora_r16.json")] if lora else []
-        return [
-            "--pretrained_path", str(self.base), "--tokenizer_path", str(self.tokenizer), *config,
-            "--data_config", str(self.data_config), "--output_dir", str(output_dir), "--precision", "fp32",
-            "--num_workers", "0", "--no_tensorboard", "--batch_size", "2", "--lr", "1e-2", "--max_words", "96",
-            "--seed", "3", *extra,
-        ]  # fmt: skip
+        paths = ["--pretrained_path", str(self.base), "--tokenizer_path", str(self.tokenizer)]
+        paths += ["--data_config", str(self.data_config), "--output_dir", str(output_dir)]
+        fixed = "--precision fp32 --num_workers 0 --no_tensorboard --batch_size 2 --lr 1e-2 --max_words 96 --seed 3"
+        return [*paths, *config, *fixed.split(), *extra]
 
 
 def make_env(root: Path, *, ratio: float = 0.05) -> FinetuneEnv:

@@ -20,9 +20,13 @@ def _free_port() -> int:
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> None:
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     import torch
 
     torch.set_num_threads(1)  # two processes on two cores
@@ -43,9 +47,12 @@ def run_multiprocess(fn, world_size: int, *args, timeout: float = 240):
     """fn(rank, *args) in `world_size` spawned processes; returns the list of their results (picklable)."""
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(
-            _worker, args=(world_size, _free_port(), out_dir, fn, args), nprocs=world_size, join=False,
+            _worker,
+            args=(world_size, _free_port(), out_dir, fn, args),
+            nprocs=world_size,
+            join=False,
             start_method="spawn",
-        )  # fmt: skip
+        )
         while not ctx.join(timeout=timeout):
             pass
         results = []

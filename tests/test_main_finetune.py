@@ -30,8 +30,7 @@ STEPS = 8
 def _session(rank, env, out):
     """Everything that needs two processes, in one spawn: QLoRA at dp 2 and at mp 2, full fine-tuning with DDP and
     with FSDP, and the model-parallel grad norm."""
-    from util.dist import init_distributed, init_process_group
-    from util.train import mp_group
+    from util.dist import init_distributed, init_process_group, mp_group, position
 
     init_process_group()
     results = {}
@@ -47,7 +46,7 @@ def _session(rank, env, out):
             logits, logits_reloaded = model(TOKENS), reloaded.eval()(TOKENS)
         trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         results[name] = {"losses": res.losses, "logits": logits, "logits_reloaded": logits_reloaded,
-                         "trainable": trainable, "final": res.final_dir}  # fmt: skip
+                         "trainable": trainable, "final": res.final_dir, "position": position()}  # fmt: skip
         fs_mp.destroy_model_parallel()
 
     init_distributed(1)
@@ -120,6 +119,7 @@ def test_qlora_two_processes_reduce_the_loss_and_reload_with_the_same_logits(ses
 def test_data_parallel_ranks_hold_identical_adapters(session):
     a, b = session[0]["dp2"]["trainable"], session[1]["dp2"]["trainable"]
     assert a.keys() == b.keys() and len(a) == 2 * 7 * 2
+    assert [s["dp2"]["position"].writes for s in session] == [True, False]  # one replica writes the files
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

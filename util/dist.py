@@ -1,7 +1,12 @@
-"""Process groups: torchrun, SLURM, or a plain `python` process (a one-process group by itself).
+"""Process groups and this process's place in them: the one module util/ and the entry scripts ask.
 
-Model parallel groups come from fairscale (`fairscale.nn.model_parallel.initialize`); the layers in
-`model/layers` use them through `mp_rank()` / `mp_world_size()`.
+Set up: torchrun, SLURM, or a plain `python` process (a one-process group by itself). Model-parallel and
+data-parallel groups come from fairscale (`fairscale.nn.model_parallel.initialize`). Asked: `position()` (ranks,
+sizes, and whether this rank writes checkpoint files), `dp_group()` / `mp_group()` / `mp_src_rank()`, `barrier()`.
+Every question works before (or without) any setup: one process, rank 0 of 1, no groups.
+
+model/layers/parallel.py keeps its own two one-liners (`mp_rank`, `mp_world_size`) because model/ may not import
+util/; they read the same fairscale state.
 """
 
 from __future__ import annotations
@@ -18,18 +23,72 @@ from fairscale.nn.model_parallel import initialize as fs_mp
 
 @dataclass(frozen=True)
 class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    model_parallel_rank: int
-    model_parallel_size: int
-    data_parallel_rank: int
-    data_parallel_size: int
-    backend: str
+    """This process's position. Model parallel splits one model across `model_parallel_size` ranks; data
+    parallel repeats that group `data_parallel_size` times."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    model_parallel_rank: int = 0
+    model_parallel_size: int = 1
+    data_parallel_rank: int = 0
+    data_parallel_size: int = 1
 
     @property
     def is_main(self) -> bool:
+        """Rank 0 of the world: logs, prints, publishes directories."""
         return self.rank == 0
+
+    @property
+    def writes(self) -> bool:
+        """Whether this rank writes model files: data-parallel rank 0, each model-parallel rank its shard (the
+        other data-parallel replicas hold the same values)."""
+        return self.data_parallel_rank == 0
+
+
+def _groups_ready() -> bool:
+    return dist.is_initialized() and fs_mp.model_parallel_is_initialized()
+
+
+def position() -> DistInfo:
+    """Where this process stands; a process without model-parallel groups is rank 0 of 1."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not _groups_ready():
+        if dist.is_initialized():  # torch.distributed only: no model-parallel split yet
+            return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+        return DistInfo()
+    return DistInfo(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        model_parallel_rank=fs_mp.get_model_parallel_rank(),
+        model_parallel_size=fs_mp.get_model_parallel_world_size(),
+        data_parallel_rank=fs_mp.get_data_parallel_rank(),
+        data_parallel_size=fs_mp.get_data_parallel_world_size(),
+    )
+
+
+def dp_group() -> dist.ProcessGroup | None:
+    """The data-parallel group (the replicas of this model-parallel rank), or None without groups."""
+    return fs_mp.get_data_parallel_group() if _groups_ready() else None
+
+
+def mp_group() -> dist.ProcessGroup | None:
+    """The model-parallel group (the ranks holding one model's shards), or None without groups."""
+    return fs_mp.get_model_parallel_group() if _groups_ready() else None
+
+
+def mp_src_rank() -> int:
+    """The global rank of this model-parallel group's first member (it broadcasts to the others)."""
+    return fs_mp.get_model_parallel_src_rank() if _groups_ready() else 0
+
+
+def barrier() -> None:
+    """All ranks wait here; nothing without model-parallel groups. Only once the groups exist: before that (the
+    quickstart's preparation on rank 0) the other ranks wait in a barrier of their own, which this must not pair
+    with."""
+    if _groups_ready() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def _free_port() -> int:
@@ -94,20 +153,7 @@ def init_distributed(model_parallel_size: int = 1, *, backend: str | None = None
                 f"launch with torchrun --nproc_per_node a multiple of {model_parallel_size}"
             )
         fs_mp.initialize_model_parallel(model_parallel_size)
-    return info()
-
-
-def info() -> DistInfo:
-    return DistInfo(
-        rank=dist.get_rank(),
-        world_size=dist.get_world_size(),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        model_parallel_rank=fs_mp.get_model_parallel_rank(),
-        model_parallel_size=fs_mp.get_model_parallel_world_size(),
-        data_parallel_rank=fs_mp.get_data_parallel_rank(),
-        data_parallel_size=fs_mp.get_data_parallel_world_size(),
-        backend=dist.get_backend(),
-    )
+    return position()
 
 
 def destroy_distributed() -> None:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from model.llama import Transformer
+from util.dist import mp_group, mp_src_rank, position
 from util.templates import chat_prompt
 
 log = logging.getLogger(__name__)
@@ -107,17 +108,6 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     return g
 
 
-def _model_parallel_group():
-    """(group, src rank) when this process is one of several model-parallel ranks, else None."""
-    from fairscale.nn.model_parallel import initialize as fs_mp
-
-    if not (dist.is_initialized() and fs_mp.model_parallel_is_initialized()):
-        return None
-    if fs_mp.get_model_parallel_world_size() == 1:
-        return None
-    return fs_mp.get_model_parallel_group(), fs_mp.get_model_parallel_src_rank()
-
-
 # --- the decoding loop ---
 
 
@@ -171,7 +161,7 @@ def decode(
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(list(p), dtype=torch.long)
     lengths_t = torch.tensor(lengths, device=device)
-    mp = _model_parallel_group()
+    mp = mp_group() if position().model_parallel_size > 1 else None  # several ranks decode one batch
     if generator is None and params.temperature > 0:
         generator = make_generator(params.seed, device)
 
@@ -185,8 +175,7 @@ def decode(
         seen = tokens[:, :pos] if params.repetition_penalty != 1.0 else None
         chosen = next_tokens(logits, params, seen=seen, generator=generator)
         if mp is not None:  # the group's first rank decides for everyone
-            group, src = mp
-            dist.broadcast(chosen, src=src, group=group)
+            dist.broadcast(chosen, src=mp_src_rank(), group=mp)
         forced = pos < lengths_t
         tokens[:, pos] = torch.where(forced, tokens[:, pos], chosen)
         step: list[int | None] = [None] * batch
@@ -421,4 +410,4 @@ class Chat:
             if not self.raw:
                 self.turns.append((message, answer.strip()))
 
-        return Reply(deltas, notes, remember, must_finish=_model_parallel_group() is not None)
+        return Reply(deltas, notes, remember, must_finish=position().model_parallel_size > 1)

@@ -6,6 +6,7 @@ A pure function of the step index, so resuming needs no scheduler state beyond t
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -26,3 +27,16 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup_iters: int, total_iters
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """lr_at with its settings bound: schedule(step) is the learning rate of optimizer step `step`."""
+
+    lr: float
+    min_lr: float
+    warmup_iters: int
+    total_iters: int
+
+    def __call__(self, step: int) -> float:
+        return lr_at(step, lr=self.lr, min_lr=self.min_lr, warmup_iters=self.warmup_iters, total_iters=self.total_iters)

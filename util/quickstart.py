@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from fairscale.nn.model_parallel import initialize as fs_mp
 
 from model.args import preset
 from util.build import build_model
 from util.checkpoint import write_meta_checkpoint
 from util.checkpoint.files import publish_dir
 from util.data import InstructionDataset, load_data_config, source_texts
+from util.dist import position
 from util.tokenizer import Tokenizer, train_tokenizer
 from util.train import TrainConfig, Trainer
 
@@ -71,15 +71,14 @@ def prepare_quickstart(out_dir: str | Path = QUICKSTART_DIR, *, data_config: str
                        pretrain_steps: int | None = None) -> QuickstartInputs:  # fmt: skip
     """Make the tokenizer and base if missing (rank 0; the other ranks wait). Call before init_distributed's
     model-parallel groups exist: the base is built and trained unsharded by rank 0 alone."""
-    if fs_mp.model_parallel_is_initialized() and fs_mp.get_model_parallel_world_size() > 1:
+    if position().model_parallel_size > 1:
         raise RuntimeError("prepare_quickstart must run before the model-parallel groups are set up")
     out = Path(out_dir)
     inputs = QuickstartInputs(out / "tokenizer.model", out / "base", LORA_CONFIG, Path(data_config))
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
+    if position().is_main:
         with _all_threads():
             _prepare(inputs, PRETRAIN["steps"] if pretrain_steps is None else pretrain_steps)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if position().world_size > 1:  # plain torch.distributed: the model-parallel groups come later
         dist.barrier()
     return inputs
 

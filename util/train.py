@@ -5,12 +5,21 @@
     losses = trainer.fit()
     trainer.save_final(output_dir / "final", tokenizer_path)
 
+One optimizer step (`Trainer.train_step`), readable top to bottom:
+  1. loss:         each micro-batch's summed next-token cross entropy over its labelled tokens, divided by the
+                   labelled tokens of the whole step (`step_normalized_loss`), so accumulation is one large batch;
+  2. accumulation: backward per micro-batch, gradients synchronized across data parallel on the last one only;
+  3. clipping:     the global grad norm over model-parallel shards (`clip_grad_norm_`), then AdamW at the
+                   schedule's learning rate (util.lr_sched.Schedule);
+  4. logging:      the loss that was back-propagated (the sum of the micro-batch losses), averaged over the
+                   data-parallel ranks as their gradients are.
+
 Data parallel: every rank holds its own copy of the frozen (possibly quantized) base, built from the real
-weights by build_model, so only trainable parameters are synchronized: DDP over fairscale's data-parallel group
+weights by build_model, so only trainable parameters are synchronized: DDP over the data-parallel group
 (frozen parameters and buffers are not registered with DDP at all), or FSDP2 (`fully_shard` per transformer
-block) for full fine-tuning of unquantized models. Model parallel: fairscale's groups; grad-norm clipping sums
-the squares of model-parallel-split parameters across the model-parallel group and counts replicated ones once
-(modules declare `shard_dims`).
+block) for full fine-tuning of unquantized models. Model parallel: grad-norm clipping sums the squares of
+model-parallel-split parameters across the model-parallel group and counts replicated ones once (modules declare
+`shard_dims`). Groups and positions come from util.dist.
 
 Checkpoints (`<output_dir>/checkpoint-NNNNNNN/`): the model (trainable-only or full, this project's format) +
 optimizer state + schedule position + RNG states (torch, python, numpy, CUDA; per rank) + the sampler's
@@ -21,6 +30,7 @@ leaves the previous checkpoint intact. Loaded with torch.load(weights_only=True)
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -31,7 +41,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +50,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from fairscale.nn.model_parallel import initialize as fs_mp
 from torch import nn
 from tqdm import tqdm
 
@@ -49,7 +58,8 @@ from util import memory
 from util.checkpoint import model_state, save_checkpoint
 from util.checkpoint.files import publish_dir
 from util.data import IGNORE_INDEX, InstructionDataset, ResumableDistributedSampler, make_loader
-from util.lr_sched import lr_at, set_lr
+from util.dist import barrier, dp_group, mp_group, position
+from util.lr_sched import Schedule, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +90,9 @@ class TrainConfig:
     checkpointing: bool = False  # activation checkpointing per TransformerBlock
     save_interval: int = 1  # checkpoint every N epochs (0: never)
     save_iteration_interval: int = 0  # checkpoint every N optimizer steps (0: never)
-    only_save_trainable: bool = True  # checkpoints and final hold only the trainable tensors
+    only_save_trainable: bool = (
+        True  # checkpoints and final hold only the trainable tensors (always on a quantized base)
+    )
     keep_last: int = 0  # keep the newest K checkpoints (0: keep all)
     seed: int = 0
     num_workers: int = 0
@@ -103,33 +115,15 @@ class TrainConfig:
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
 
+    @property
+    def examples_per_step(self) -> int:
+        """Examples one optimizer step takes on each data-parallel rank."""
+        return self.batch_size * self.accum_iter
+
 
 # ----------------------------------------------------------------------------------------------------
-# Building blocks (each usable on its own)
+# The model: master weights, activation checkpointing, data-parallel wrappers, optimizer groups
 # ----------------------------------------------------------------------------------------------------
-
-
-def dp_group() -> dist.ProcessGroup | None:
-    return fs_mp.get_data_parallel_group() if fs_mp.model_parallel_is_initialized() else None
-
-
-def mp_group() -> dist.ProcessGroup | None:
-    return fs_mp.get_model_parallel_group() if fs_mp.model_parallel_is_initialized() else None
-
-
-def _size(group: dist.ProcessGroup | None) -> int:
-    return dist.get_world_size(group) if group is not None else 1
-
-
-def _rank(group: dist.ProcessGroup | None) -> int:
-    return dist.get_rank(group) if group is not None else 0
-
-
-def _barrier() -> None:
-    # Only once the model-parallel groups exist: before that (the quickstart's preparation on rank 0) the other
-    # ranks wait in a barrier of their own, which this one must not pair with.
-    if fs_mp.model_parallel_is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def seed_everything(seed: int) -> None:
@@ -147,6 +141,10 @@ def upcast_trainable_(model: nn.Module) -> int:
             p.data = p.data.float()
             changed += 1
     return changed
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(not p.dtype.is_floating_point for p in model.parameters())
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -181,8 +179,115 @@ def shard_dims_of(model: nn.Module) -> list[tuple[nn.Parameter, int | None]]:
     return out
 
 
+def _checkpointed(forward, *args, **kwargs):
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute each TransformerBlock's activations in backward (non-reentrant torch.utils.checkpoint).
+
+    The block's forward is wrapped in place, so parameter names and checkpoints are unchanged. Returns the count.
+    """
+    from model.llama import TransformerBlock
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, TransformerBlock) and not isinstance(module.forward, functools.partial):
+            module.forward = functools.partial(_checkpointed, module.forward)
+            count += 1
+    return count
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def wrap_ddp(model: nn.Module, group: dist.ProcessGroup | None, device: torch.device) -> nn.Module:
+    """DDP over the data-parallel group for the trainable parameters only: frozen (quantized) weights and
+    buffers are not broadcast at start and take no part in gradient synchronization."""
+    ignored = [n for n, p in model.named_parameters() if not p.requires_grad]
+    ignored += [n for n, _ in model.named_buffers()]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    return nn.parallel.DistributedDataParallel(
+        model,
+        process_group=group,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=False,
+    )
+
+
+def wrap_fsdp(model: nn.Module, group: dist.ProcessGroup | None, device: torch.device) -> nn.Module:
+    """FSDP2: every TransformerBlock, then the root, sharded across the data-parallel group."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    from model.llama import TransformerBlock
+
+    quantized = [n for n, p in model.named_parameters() if not p.dtype.is_floating_point]
+    if quantized:
+        raise ValueError(
+            f"--data_parallel fsdp cannot shard quantized weights ({quantized[0]}, ...): a quantized base is "
+            "frozen and built on every rank, so use --data_parallel ddp (only the adapters are synchronized)"
+        )
+    mesh = DeviceMesh.from_group(group or dist.group.WORLD, device_type=device.type)
+    for module in model.modules():
+        if isinstance(module, TransformerBlock):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def prepare_model(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """fp32 master weights, activation checkpointing if asked, then the data-parallel wrapper (none on one rank
+    with DDP). The parameters keep their names; `unwrap` gives the model back."""
+    upcast_trainable_(model)
+    if cfg.checkpointing:
+        enable_activation_checkpointing(model)
+    if cfg.data_parallel == "fsdp":
+        return wrap_fsdp(model, dp_group(), device)
+    if position().data_parallel_size > 1:
+        return wrap_ddp(model, dp_group(), device)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loss
+# ----------------------------------------------------------------------------------------------------
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross entropies over labelled positions, number of them): position t predicts t + 1."""
+    targets = labels[:, 1:].reshape(-1)
+    loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
+def labelled_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Per example: how many of its next-token targets are in the loss."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(1)
+
+
+def step_normalized_loss(logits: torch.Tensor, labels: torch.Tensor, step_targets: int) -> torch.Tensor:
+    """A micro-batch's summed token loss divided by the labelled targets of the whole optimizer step (all its
+    micro-batches on this rank). Summed over the step's micro-batches this is the step's mean token loss, so
+    accumulation equals one large batch; this is what is back-propagated, and the sum is what is logged."""
+    loss_sum, _ = token_loss(logits, labels)
+    return loss_sum / max(step_targets, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Clipping
+# ----------------------------------------------------------------------------------------------------
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t  # DTensor (FSDP2): this rank's shard
+
+
+def _size(group: dist.ProcessGroup | None) -> int:
+    return dist.get_world_size(group) if group is not None else 1
 
 
 @torch.no_grad()
@@ -229,69 +334,31 @@ def clip_grad_norm_(
     return total
 
 
-def _checkpointed(forward, *args, **kwargs):
-    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+# ----------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------
 
 
-def enable_activation_checkpointing(model: nn.Module) -> int:
-    """Recompute each TransformerBlock's activations in backward (non-reentrant torch.utils.checkpoint).
-
-    The block's forward is wrapped in place, so parameter names and checkpoints are unchanged. Returns the count.
-    """
-    from model.llama import TransformerBlock
-
-    count = 0
-    for module in model.modules():
-        if isinstance(module, TransformerBlock) and not isinstance(module.forward, functools.partial):
-            module.forward = functools.partial(_checkpointed, module.forward)
-            count += 1
-    return count
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def wrap_ddp(model: nn.Module, group: dist.ProcessGroup | None, device: torch.device) -> nn.Module:
-    """DDP over the data-parallel group for the trainable parameters only: frozen (quantized) weights and
-    buffers are not broadcast at start and take no part in gradient synchronization."""
-    ignored = [n for n, p in model.named_parameters() if not p.requires_grad]
-    ignored += [n for n, _ in model.named_buffers()]
-    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
-    return nn.parallel.DistributedDataParallel(
-        model, process_group=group, device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=False,
-    )  # fmt: skip
-
-
-def wrap_fsdp(model: nn.Module, group: dist.ProcessGroup | None, device: torch.device) -> nn.Module:
-    """FSDP2: every TransformerBlock, then the root, sharded across the data-parallel group."""
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import fully_shard
-
-    from model.llama import TransformerBlock
-
-    quantized = [n for n, p in model.named_parameters() if not p.dtype.is_floating_point]
-    if quantized:
+def training_dataset(dataset: InstructionDataset, model: nn.Module, args: ModelArgs) -> InstructionDataset:
+    """The dataset as this model trains on it. Text data: as given. Image data: a copy (the caller's is not
+    changed) that reads images with the visual backbone's preprocessing and cuts the text to the positions
+    left after the image tokens."""
+    if not getattr(dataset, "has_images", False):
+        return dataset
+    visual = getattr(model, "visual", None)
+    if visual is None:
         raise ValueError(
-            f"--data_parallel fsdp cannot shard quantized weights ({quantized[0]}, ...): a quantized base is "
-            "frozen and built on every rank, so use --data_parallel ddp (only the adapters are synchronized)"
+            "image_conversation data needs a model with a visual backbone: set visual_backbone in the config"
         )
-    mesh = DeviceMesh.from_group(group or dist.group.WORLD, device_type=device.type)
-    for module in model.modules():
-        if isinstance(module, TransformerBlock):
-            fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
-
-
-def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross entropies over labelled positions, number of them)."""
-    targets = labels[:, 1:].reshape(-1)
-    loss = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, int((targets != IGNORE_INDEX).sum())
+    room = args.max_seq_len - model.image_positions()  # image tokens come before the text
+    if room < 2:
+        raise ValueError(f"max_seq_len={args.max_seq_len} leaves no room for text after the image tokens")
+    if dataset.max_words > room:
+        log.info("max_words %d -> %d (max_seq_len minus the image's positions)", dataset.max_words, room)
+    derived = copy.copy(dataset)  # shallow: the records are shared, read-only
+    derived.preprocess = dataset.preprocess if dataset.preprocess is not None else visual.preprocess
+    derived.max_words = min(dataset.max_words, room)
+    return derived
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -346,10 +413,12 @@ def _rng_state() -> dict[str, Any]:
         "python": {"version": version, "state": list(mt), "gauss": gauss},
         "numpy": {
             "bit_generator": npstate["bit_generator"],
-            "key": torch.from_numpy(npstate["state"]["key"].astype(np.int64)), "pos": int(npstate["state"]["pos"]),
-            "has_gauss": int(npstate["has_gauss"]), "gauss": float(npstate["gauss"]),
+            "key": torch.from_numpy(npstate["state"]["key"].astype(np.int64)),
+            "pos": int(npstate["state"]["pos"]),
+            "has_gauss": int(npstate["has_gauss"]),
+            "gauss": float(npstate["gauss"]),
         },
-    }  # fmt: skip
+    }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -359,10 +428,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     n = state["numpy"]
+    key = n["key"].numpy().astype(np.uint32)
     np.random.set_state(
-        {"bit_generator": n["bit_generator"], "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
-         "has_gauss": n["has_gauss"], "gauss": n["gauss"]}
-    )  # fmt: skip
+        {
+            "bit_generator": n["bit_generator"],
+            "state": {"key": key, "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -370,7 +444,19 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # the back-propagated loss (sum over the micro-batches), averaged over the data-parallel ranks
+    lr: float
+    grad_norm: float  # before clipping
+    tokens: int  # tokens processed (padding included) by the whole data-parallel group
+    empty_examples: int  # examples on this rank with no labelled target left after the cut to max_words
+
+
 class Trainer:
+    """Owns the wrapped model, the optimizer, the data order and the position in training (iteration, epoch,
+    step in epoch). The caller's config and dataset are not changed."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -383,82 +469,268 @@ class Trainer:
     ) -> None:
         self.args, self.cfg, self.device = args, cfg, torch.device(device)
         self.base_checkpoints = [str(p) for p in base_checkpoints]
-        self.dp, self.mp = dp_group(), mp_group()
-        self.dp_rank, self.dp_size = _rank(self.dp), _size(self.dp)
-        self.mp_rank, self.mp_size = _rank(self.mp), _size(self.mp)
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.is_main = self.rank == 0
-        self.quantized = any(not p.dtype.is_floating_point for p in model.parameters())
-        if self.quantized and not cfg.only_save_trainable:
-            log.info("quantized base: checkpoints hold the trainable tensors only (the base stays in its checkpoint)")
-            cfg.only_save_trainable = True
-
-        # model: fp32 master weights, activation checkpointing, then the data-parallel wrapper
-        upcast_trainable_(model)
-        if cfg.checkpointing:
-            enable_activation_checkpointing(model)
-        if cfg.data_parallel == "fsdp":
-            self.model = wrap_fsdp(model, self.dp, self.device)
-        elif self.dp_size > 1:
-            self.model = wrap_ddp(model, self.dp, self.device)
-        else:
-            self.model = model
-        self.module = unwrap(self.model)
+        self.pos, self.dp, self.mp = position(), dp_group(), mp_group()
         self.fsdp = cfg.data_parallel == "fsdp"
+        # a quantized base stays in its own checkpoint: saves hold the trainable tensors only
+        self.only_save_trainable = cfg.only_save_trainable or is_quantized(model)
+        if self.only_save_trainable != cfg.only_save_trainable:
+            log.info("quantized base: checkpoints hold the trainable tensors only (the base stays in its checkpoint)")
 
-        self.optimizer = torch.optim.AdamW(param_groups(self.module, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+        self.model = prepare_model(model, cfg, self.device)
+        self.module = unwrap(self.model)
         self.params = shard_dims_of(self.module)
+        self.optimizer = torch.optim.AdamW(param_groups(self.module, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
+        self._setup_data(dataset)
 
-        # data: whole optimizer steps per epoch on every data-parallel rank
-        self.dataset = dataset
-        if getattr(dataset, "has_images", False):
-            visual = getattr(self.module, "visual", None)
-            if visual is None:
-                raise ValueError(
-                    "image_conversation data needs a model with a visual backbone: set visual_backbone in the config"
-                )
-            if dataset.preprocess is None:
-                dataset.preprocess = visual.preprocess
-            room = args.max_seq_len - self.module.image_positions()  # image tokens come before the text
-            if room < 2:
-                raise ValueError(f"max_seq_len={args.max_seq_len} leaves no room for text after the image tokens")
-            if dataset.max_words > room:
-                log.info("max_words %d -> %d (max_seq_len minus the image's positions)", dataset.max_words, room)
-                dataset.max_words = room
-        self.sampler = ResumableDistributedSampler(
-            len(dataset), rank=self.dp_rank, world_size=self.dp_size, seed=cfg.seed
-        )
-        self.loader = make_loader(
-            dataset, self.sampler, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed
-        )
-        self.steps_per_epoch = self.sampler.per_rank // (cfg.batch_size * cfg.accum_iter)
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"{len(dataset)} examples over {self.dp_size} data-parallel rank(s) do not fill one optimizer step "
-                f"of batch_size {cfg.batch_size} x accum_iter {cfg.accum_iter}; use a smaller batch or more data"
-            )
-        self.total_iters = cfg.max_iters or cfg.epochs * self.steps_per_epoch
-        self.warmup_iters = (
-            cfg.warmup_iters if cfg.warmup_iters is not None else round(cfg.warmup_epochs * self.steps_per_epoch)
-        )
-        self.iteration = 0  # optimizer steps done
-        self.epoch, self.step_in_epoch = 0, 0
+        self.iteration = 0  # optimizer steps done: the schedule's position
+        self.epoch, self.step_in_epoch = 0, 0  # the data's position
         self.losses: list[float] = []
         self._last_saved: int | None = None
         self.empty_examples = 0  # examples whose response was cut away by max_words (reported per epoch)
-        seed_everything(cfg.seed + self.dp_rank)  # dropout masks: equal across a data-parallel group's mp ranks
+        seed_everything(cfg.seed + self.pos.data_parallel_rank)  # dropout: equal across a model-parallel group
 
-    # --- state ----------------------------------------------------------------------------------------
+    def _setup_data(self, dataset: InstructionDataset) -> None:
+        """Sampler and loader deal whole optimizer steps to every data-parallel rank; the schedule counts them."""
+        cfg, pos = self.cfg, self.pos
+        self.dataset = training_dataset(dataset, self.module, self.args)
+        self.sampler = ResumableDistributedSampler(
+            len(self.dataset), rank=pos.data_parallel_rank, world_size=pos.data_parallel_size, seed=cfg.seed
+        )
+        self.loader = make_loader(
+            self.dataset, self.sampler, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed
+        )
+        self.steps_per_epoch = self.sampler.per_rank // cfg.examples_per_step
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(self.dataset)} examples over {pos.data_parallel_size} data-parallel rank(s) do not fill one "
+                f"optimizer step of batch_size {cfg.batch_size} x accum_iter {cfg.accum_iter}; use a smaller batch "
+                "or more data"
+            )
+        self.total_iters = cfg.max_iters or cfg.epochs * self.steps_per_epoch
+        warmup = cfg.warmup_iters if cfg.warmup_iters is not None else round(cfg.warmup_epochs * self.steps_per_epoch)
+        self.schedule = Schedule(cfg.lr, cfg.min_lr, warmup_iters=warmup, total_iters=self.total_iters)
+
+    # --- one optimizer step ---------------------------------------------------------------------------
+    def train_step(self, micro_batches: Sequence[tuple[torch.Tensor, ...]]) -> StepResult:
+        """One optimizer step over `micro_batches` ((tokens, labels[, images]) each): accumulate the gradients,
+        clip, update at the schedule's learning rate, advance the iteration."""
+        per_example = [labelled_targets(batch[1]) for batch in micro_batches]
+        step_targets = int(sum(int(t.sum()) for t in per_example))
+        loss = self._accumulate_gradients(micro_batches, step_targets)
+        lr = self.schedule(self.iteration)
+        grad_norm = self._clip_and_update(lr)
+        self.iteration += 1
+        tokens = sum(batch[0].numel() for batch in micro_batches)
+        mean_loss, all_tokens = self._mean_loss_and_total_tokens(loss, tokens)
+        empty = sum(int((t == 0).sum()) for t in per_example)
+        return StepResult(mean_loss, lr, grad_norm, int(all_tokens), empty)
+
+    def _micro_batch_loss(self, batch: tuple[torch.Tensor, ...], step_targets: int) -> torch.Tensor:
+        tokens, labels, *images = (t.to(self.device, non_blocking=True) for t in batch)
+        with self._autocast():
+            logits = self.model(tokens, images=images[0]) if images else self.model(tokens)
+        return step_normalized_loss(logits, labels, step_targets)
+
+    def _accumulate_gradients(
+        self, micro_batches: Sequence[tuple[torch.Tensor, ...]], step_targets: int
+    ) -> torch.Tensor:
+        """Backward of each micro-batch's loss; gradients are synchronized across data parallel on the last one
+        only. Returns the sum of the back-propagated losses (before fp16 loss scaling), in float64."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, batch in enumerate(micro_batches):
+            with self._sync_gradients(i == len(micro_batches) - 1):
+                loss = self._micro_batch_loss(batch, step_targets)
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            total += loss.detach().double()
+        return total
+
+    def _clip_and_update(self, lr: float) -> float:
+        """Unscale (fp16), clip the global grad norm, AdamW at `lr`, zero the gradients. Returns the norm before
+        clipping."""
+        set_lr(self.optimizer, lr)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        dp_sharded = self.dp if self.fsdp else None
+        norm = clip_grad_norm_(self.params, self.cfg.clip_grad, mp=self.mp, dp_sharded=dp_sharded)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _mean_loss_and_total_tokens(self, loss: torch.Tensor, tokens: int) -> tuple[float, float]:
+        """The loss averaged over the data-parallel ranks (as their gradients are), the tokens summed."""
+        if self.pos.data_parallel_size == 1:
+            return float(loss), float(tokens)
+        both = torch.stack([loss, torch.tensor(float(tokens), dtype=torch.float64, device=self.device)])
+        dist.all_reduce(both, group=self.dp)
+        return float(both[0]) / self.pos.data_parallel_size, float(both[1])
+
+    def _autocast(self):
+        if self.cfg.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=PRECISIONS[self.cfg.precision])
+
+    def _sync_gradients(self, sync: bool):
+        """Gradient synchronization only on the last micro-step of an accumulation."""
+        if isinstance(self.model, nn.parallel.DistributedDataParallel) and not sync:
+            return self.model.no_sync()
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+    # --- the loop -------------------------------------------------------------------------------------
+    def fit(self) -> list[float]:
+        """Train to total_iters; returns the loss of every optimizer step (StepResult.loss)."""
+        self.model.train()
+        logger = _Logger(self.cfg, self.pos.is_main, start=self.iteration)
+        bar = tqdm(
+            total=self.total_iters,
+            initial=self.iteration,
+            disable=not self.pos.is_main,
+            desc="train",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+        memory.reset_peak_rss()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            while self.iteration < self.total_iters:
+                self._run_epoch(logger, bar)
+        finally:
+            bar.close()
+            logger.close()
+        return self.losses
+
+    def _run_epoch(self, logger: _Logger, bar: tqdm) -> None:
+        """From the data's position to the end of its epoch (or of training), with the checkpoints asked for."""
+        cfg = self.cfg
+        if self.step_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.sampler.set_epoch(self.epoch, self.step_in_epoch * cfg.examples_per_step)
+        batches = iter(self.loader)
+        while self.step_in_epoch < self.steps_per_epoch and self.iteration < self.total_iters:
+            t0 = time.perf_counter()
+            micro_batches = [next(batches) for _ in range(cfg.accum_iter)]
+            self.sampler.advance(cfg.examples_per_step)
+            result = self.train_step(micro_batches)
+            self.step_in_epoch += 1
+            self.losses.append(result.loss)
+            self.empty_examples += result.empty_examples
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._report(result, time.perf_counter() - t0, logger, bar)
+            if cfg.save_iteration_interval and self.iteration % cfg.save_iteration_interval == 0:
+                self.save_checkpoint()
+        self._warn_empty_examples()
+        epoch_done = self.step_in_epoch >= self.steps_per_epoch
+        epoch_save = epoch_done and cfg.save_interval and (self.epoch + 1) % cfg.save_interval == 0
+        if epoch_save and self._last_saved != self.iteration:
+            self.save_checkpoint()
+
+    def _report(self, result: StepResult, seconds: float, logger: _Logger, bar: tqdm) -> None:
+        tokens_per_s = result.tokens / seconds
+        peak = memory.peak_device_memory(self.device) or memory.peak_rss_bytes()
+        if not self.pos.is_main:
+            return
+        bar.update(1)
+        postfix = f"loss {result.loss:.4f} lr {result.lr:.2e} {tokens_per_s:,.0f} tok/s peak {memory.fmt_bytes(peak)}"
+        bar.set_postfix_str(postfix, refresh=False)
+        if self.iteration % self.cfg.log_interval == 0 or self.iteration == self.total_iters:
+            entry = {"iteration": self.iteration, "epoch": self.epoch, "loss": result.loss, "lr": result.lr}
+            entry |= {"grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s, "peak_memory_bytes": peak}
+            logger.write({**entry, "time": time.time()})
+
+    def _warn_empty_examples(self) -> None:
+        if self.empty_examples and self.pos.is_main:
+            log.warning(
+                "epoch %d: %d example(s) on rank 0 had no response token left after the cut to max_words (they "
+                "teach nothing); raise --max_words",
+                self.epoch,
+                self.empty_examples,
+            )
+        self.empty_examples = 0
+
+    # --- checkpoints and resume -----------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """All ranks: write checkpoint-NNNNNNN atomically (temp dir, then one rename by rank 0)."""
+        out_dir = self.cfg.output_dir
+        final = out_dir / f"{CHECKPOINT_PREFIX}{self.iteration:07d}"
+        tmp = out_dir / f".tmp-{final.name}"
+        if self.pos.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for stale in out_dir.glob(".tmp-*"):  # interrupted earlier saves
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        barrier()
+        self._write_model(tmp)
+        self._pause_if_asked(tmp)
+        if self.fsdp:  # each rank its shard of the optimizer state
+            _save_pt(self._fsdp_optimizer_state_out(), tmp / self._optimizer_file())
+        elif self.pos.writes:  # the same on every data-parallel rank
+            _save_pt(self.optimizer.state_dict(), tmp / self._optimizer_file())
+        _save_pt(_rng_state(), tmp / f"rng.rank{self.pos.rank:05d}.pt")
+        if self.pos.is_main:
+            _save_pt(self._train_state(), tmp / TRAIN_STATE)
+        barrier()
+        if self.pos.is_main:
+            publish_dir(tmp, final)
+            if self.cfg.keep_last > 0:
+                for old in list_checkpoints(out_dir)[: -self.cfg.keep_last]:
+                    shutil.rmtree(old, ignore_errors=True)
+            log.info("saved %s", final)
+        barrier()
+        self._last_saved = self.iteration
+        return final
+
+    def _train_state(self) -> dict[str, Any]:
+        """Position, losses so far, loss scale, and what a resume must match (layout, steps per epoch)."""
+        return {
+            "iteration": self.iteration,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "sampler": self.sampler.state_dict(),
+            "losses": list(self.losses),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "data_parallel_size": self.pos.data_parallel_size,
+            "model_parallel_size": self.pos.model_parallel_size,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_iters": self.total_iters,
+            "schedule": {"lr": self.cfg.lr, "min_lr": self.cfg.min_lr, "warmup_iters": self.schedule.warmup_iters},
+        }
+
     def resume(self, ckpt: str | Path) -> None:
         """Continue from a checkpoint whose model tensors build_model already loaded: optimizer, schedule
         position, data position and RNG states."""
         ckpt = Path(ckpt)
         state = _load_pt(ckpt / TRAIN_STATE)
-        if state["data_parallel_size"] != self.dp_size or state["model_parallel_size"] != self.mp_size:
+        self._check_resumable(ckpt, state)
+        self.sampler.load_state_dict(state["sampler"])
+        self.iteration, self.epoch, self.step_in_epoch = state["iteration"], state["epoch"], state["step_in_epoch"]
+        self.losses = list(state["losses"])
+        self._last_saved = self.iteration
+        optimizer_state = _load_pt(ckpt / self._optimizer_file())
+        if self.fsdp:
+            self._fsdp_optimizer_state_in(optimizer_state)
+        else:
+            self.optimizer.load_state_dict(optimizer_state)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(_load_pt(ckpt / f"rng.rank{self.pos.rank:05d}.pt"))
+        if self.pos.is_main:
+            where = f"epoch {self.epoch}, step {self.step_in_epoch}"
+            log.info("resumed from %s at iteration %d (%s)", ckpt, self.iteration, where)
+
+    def _check_resumable(self, ckpt: Path, state: dict[str, Any]) -> None:
+        dp_size, mp_size = self.pos.data_parallel_size, self.pos.model_parallel_size
+        if state["data_parallel_size"] != dp_size or state["model_parallel_size"] != mp_size:
             raise ValueError(
                 f"{ckpt} was saved with data parallel {state['data_parallel_size']} x model parallel "
-                f"{state['model_parallel_size']}; this run has {self.dp_size} x {self.mp_size}. Resume with the same "
+                f"{state['model_parallel_size']}; this run has {dp_size} x {mp_size}. Resume with the same "
                 "layout (torchrun --nproc_per_node and --model_parallel_size) to continue the same data order"
             )
         if state["steps_per_epoch"] != self.steps_per_epoch:
@@ -466,26 +738,12 @@ class Trainer:
                 f"{ckpt}: {state['steps_per_epoch']} steps per epoch when saved, {self.steps_per_epoch} now; resume "
                 "with the same data config, batch_size and accum_iter"
             )
-        self.sampler.load_state_dict(state["sampler"])
-        self.iteration, self.epoch, self.step_in_epoch = state["iteration"], state["epoch"], state["step_in_epoch"]
-        self.losses = list(state["losses"])
-        self._last_saved = self.iteration
-        opt = _load_pt(ckpt / self._optimizer_file())
-        if self.fsdp:
-            self._fsdp_optimizer_state_in(opt)
-        else:
-            self.optimizer.load_state_dict(opt)
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        rng_file = ckpt / f"rng.rank{self.rank:05d}.pt"
-        _set_rng_state(_load_pt(rng_file))
-        if self.is_main:
-            log.info("resumed from %s at iteration %d (epoch %d, step %d)", ckpt, self.iteration, self.epoch,
-                     self.step_in_epoch)  # fmt: skip
 
     def _optimizer_file(self) -> str:
         # DDP: the optimizer state is the same on every data-parallel rank; FSDP: each rank has its shard
-        return f"optimizer.rank{self.rank:05d}.pt" if self.fsdp else f"optimizer.mp{self.mp_rank:02d}.pt"
+        if self.fsdp:
+            return f"optimizer.rank{self.pos.rank:05d}.pt"
+        return f"optimizer.mp{self.pos.model_parallel_rank:02d}.pt"
 
     def _fsdp_optimizer_state_out(self) -> dict:
         sd = self.optimizer.state_dict()
@@ -502,65 +760,27 @@ class Trainer:
                 if not isinstance(v, DTensor) and v.dim() > 0 and v.shape == p.to_local().shape:
                     state[name] = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
 
-    def _model_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, int | None]]:
-        tensors, dims = model_state(self.module, trainable_only=self.cfg.only_save_trainable)
-        if self.fsdp:  # gather the full (model-parallel local) tensors: a collective, same key order on all ranks
-            tensors = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in tensors.items()}
-        return tensors, dims
-
     def _write_model(self, out: Path) -> None:
-        tensors, dims = self._model_tensors()
-        if self.dp_rank == 0:
-            save_checkpoint(
-                out, tensors, shard_dims=dims, rank=self.mp_rank, world_size=self.mp_size,
-                config=self.args.to_dict(), trainable_only=self.cfg.only_save_trainable,
-                extra={"base_checkpoints": self.base_checkpoints},
-            )  # fmt: skip
-
-    def save_checkpoint(self) -> Path:
-        """All ranks: write checkpoint-NNNNNNN atomically (temp dir, then one rename by rank 0)."""
-        out_dir = self.cfg.output_dir
-        final = out_dir / f"{CHECKPOINT_PREFIX}{self.iteration:07d}"
-        tmp = out_dir / f".tmp-{final.name}"
-        if self.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            for stale in out_dir.glob(".tmp-*"):  # interrupted earlier saves
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir()
-        _barrier()
-        self._write_model(tmp)
-        self._pause_if_asked(tmp)
-        if self.fsdp:
-            _save_pt(self._fsdp_optimizer_state_out(), tmp / self._optimizer_file())
-        elif self.dp_rank == 0:
-            _save_pt(self.optimizer.state_dict(), tmp / self._optimizer_file())
-        _save_pt(_rng_state(), tmp / f"rng.rank{self.rank:05d}.pt")
-        if self.is_main:
-            _save_pt(
-                {
-                    "iteration": self.iteration, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                    "sampler": self.sampler.state_dict(), "losses": list(self.losses),
-                    "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-                    "data_parallel_size": self.dp_size, "model_parallel_size": self.mp_size,
-                    "steps_per_epoch": self.steps_per_epoch, "total_iters": self.total_iters,
-                    "schedule": {"lr": self.cfg.lr, "min_lr": self.cfg.min_lr, "warmup_iters": self.warmup_iters},
-                },
-                tmp / TRAIN_STATE,
-            )  # fmt: skip
-        _barrier()
-        if self.is_main:
-            publish_dir(tmp, final)
-            if self.cfg.keep_last > 0:
-                for old in list_checkpoints(out_dir)[: -self.cfg.keep_last]:
-                    shutil.rmtree(old, ignore_errors=True)
-            log.info("saved %s", final)
-        _barrier()
-        self._last_saved = self.iteration
-        return final
+        """All ranks (FSDP gathers with a collective); data-parallel rank 0 writes each model-parallel shard."""
+        tensors, dims = model_state(self.module, trainable_only=self.only_save_trainable)
+        if self.fsdp:  # the full (model-parallel local) tensors: same key order on all ranks
+            tensors = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in tensors.items()}
+        if not self.pos.writes:
+            return
+        save_checkpoint(
+            out,
+            tensors,
+            shard_dims=dims,
+            rank=self.pos.model_parallel_rank,
+            world_size=self.pos.model_parallel_size,
+            config=self.args.to_dict(),
+            trainable_only=self.only_save_trainable,
+            extra={"base_checkpoints": self.base_checkpoints},
+        )
 
     def _pause_if_asked(self, tmp: Path) -> None:
         spec = os.environ.get(SAVE_PAUSE_ENV)
-        if not spec or not self.is_main:
+        if not spec or not self.pos.is_main:
             return
         iteration, seconds = spec.split(":")
         if int(iteration) == self.iteration:
@@ -572,150 +792,19 @@ class Trainer:
         build_model(None, [*base_checkpoints, out]) rebuilds it) and the tokenizer next to it; atomic."""
         out = Path(out)
         tmp = out.with_name(f".tmp-{out.name}")
-        if self.is_main:
+        if self.pos.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        _barrier()
+        barrier()
         self._write_model(tmp)
-        _barrier()
-        if self.is_main:
+        barrier()
+        if self.pos.is_main:
             if tokenizer_path is not None:
                 src = Path(tokenizer_path)
                 shutil.copyfile(src / "tokenizer.model" if src.is_dir() else src, tmp / "tokenizer.model")
             publish_dir(tmp, out)
-        _barrier()
+        barrier()
         return out
-
-    # --- the loop -------------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.cfg.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=PRECISIONS[self.cfg.precision])
-
-    def _sync_context(self, sync: bool):
-        """Gradient synchronization only on the last micro-step of an accumulation."""
-        if isinstance(self.model, nn.parallel.DistributedDataParallel) and not sync:
-            return self.model.no_sync()
-        if self.fsdp:
-            self.model.set_requires_gradient_sync(sync)
-        return contextlib.nullcontext()
-
-    def _micro_step(
-        self,
-        tokens: torch.Tensor,
-        labels: torch.Tensor,
-        sync: bool,
-        step_targets: int,
-        images: torch.Tensor | None = None,
-    ) -> float:
-        """Forward and backward of one micro-batch; returns its summed token loss. The loss is normalized by the
-        labelled tokens of the whole step (all micro-batches), so accumulation equals one large batch. images:
-        the batch's preprocessed images (image_conversation data), given to the model's visual backbone."""
-        tokens, labels = tokens.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-        with self._sync_context(sync):
-            with self._autocast():
-                if images is None:
-                    logits = self.model(tokens)
-                else:
-                    logits = self.model(tokens, images=images.to(self.device, non_blocking=True))
-            loss_sum, _ = token_loss(logits, labels)
-            loss = loss_sum / max(step_targets, 1)
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        return float(loss_sum.detach())
-
-    def _optimizer_step(self) -> tuple[float, float]:
-        lr = lr_at(self.iteration, lr=self.cfg.lr, min_lr=self.cfg.min_lr, warmup_iters=self.warmup_iters,
-                   total_iters=self.total_iters)  # fmt: skip
-        set_lr(self.optimizer, lr)
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        norm = clip_grad_norm_(self.params, self.cfg.clip_grad, mp=self.mp, dp_sharded=self.dp if self.fsdp else None)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return lr, norm
-
-    def _sum_over_dp(self, values: list[float]) -> list[float]:
-        if self.dp_size == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, group=self.dp)
-        return t.tolist()
-
-    def fit(self) -> list[float]:
-        """Train to total_iters; returns the loss of every optimizer step (mean over the labelled tokens of the
-        step on all data-parallel ranks)."""
-        cfg = self.cfg
-        self.model.train()
-        logger = _Logger(cfg, self.is_main, start=self.iteration)
-        bar = tqdm(total=self.total_iters, initial=self.iteration, disable=not self.is_main, desc="train",
-                   dynamic_ncols=True, file=sys.stderr)  # fmt: skip
-        memory.reset_peak_rss()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        try:
-            while self.iteration < self.total_iters:
-                if self.step_in_epoch >= self.steps_per_epoch:
-                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                self.sampler.set_epoch(self.epoch, self.step_in_epoch * cfg.batch_size * cfg.accum_iter)
-                batches = iter(self.loader)
-                while self.step_in_epoch < self.steps_per_epoch and self.iteration < self.total_iters:
-                    self._train_step(batches, logger, bar)
-                    if cfg.save_iteration_interval and self.iteration % cfg.save_iteration_interval == 0:
-                        self.save_checkpoint()
-                epoch_done = self.step_in_epoch >= self.steps_per_epoch
-                if self.empty_examples:
-                    if self.is_main:
-                        log.warning("epoch %d: %d example(s) on rank 0 had no response token left after the cut to "
-                                    "max_words (they teach nothing); raise --max_words", self.epoch,
-                                    self.empty_examples)  # fmt: skip
-                    self.empty_examples = 0
-                epoch_save = epoch_done and cfg.save_interval and (self.epoch + 1) % cfg.save_interval == 0
-                if epoch_save and self._last_saved != self.iteration:
-                    self.save_checkpoint()
-        finally:
-            bar.close()
-            logger.close()
-        return self.losses
-
-    def _train_step(self, batches: Iterator, logger: _Logger, bar: tqdm) -> None:
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        micro_batches = [next(batches) for _ in range(cfg.accum_iter)]
-        self.sampler.advance(cfg.batch_size * cfg.accum_iter)
-        targets = [(batch[1][:, 1:] != IGNORE_INDEX).sum(1) for batch in micro_batches]
-        step_targets = int(sum(int(t.sum()) for t in targets))
-        self.empty_examples += sum(int((t == 0).sum()) for t in targets)
-        loss_sum = 0.0
-        for micro, (tokens, labels, *images) in enumerate(micro_batches):
-            last = micro == cfg.accum_iter - 1
-            loss_sum += self._micro_step(tokens, labels, last, step_targets, images[0] if images else None)
-        lr, norm = self._optimizer_step()
-        self.iteration += 1
-        self.step_in_epoch += 1
-        # the logged loss: mean over every labelled token of the step, on all data-parallel ranks
-        n_tokens = sum(batch[0].numel() for batch in micro_batches)
-        loss_total, targets_total, tokens_total = self._sum_over_dp([loss_sum, float(step_targets), float(n_tokens)])
-        loss = loss_total / max(targets_total, 1.0)
-        self.losses.append(loss)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        dt = time.perf_counter() - t0
-        tokens_per_s = tokens_total / dt  # tokens processed (padding included) by the data-parallel group
-        peak = memory.peak_device_memory(self.device) or memory.peak_rss_bytes()
-        if self.is_main:
-            bar.update(1)
-            bar.set_postfix_str(
-                f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s peak {memory.fmt_bytes(peak)}", refresh=False
-            )
-            if self.iteration % cfg.log_interval == 0 or self.iteration == self.total_iters:
-                logger.write(
-                    {"iteration": self.iteration, "epoch": self.epoch, "loss": loss, "lr": lr, "grad_norm": norm,
-                     "tokens_per_s": tokens_per_s, "peak_memory_bytes": peak, "time": time.time()}
-                )  # fmt: skip
 
 
 class _Logger:

@@ -8,7 +8,7 @@ from tests.helpers import tiny_args, write_tiny_checkpoint
 from tests.multiprocess import run_multiprocess
 from util.build import build_model
 from util.checkpoint import save_model
-from util.dist import init_distributed
+from util.dist import DistInfo, dp_group, init_distributed, mp_group, mp_src_rank, position
 from util.lazy_init import materialize_and_load, meta_init
 from util.quant import QuantLinear, quantize_model
 
@@ -26,6 +26,9 @@ def _shard_dims(model):
 def _worker(rank, ckpt, save_dir):
     info = init_distributed(model_parallel_size=2)
     assert (info.model_parallel_size, info.model_parallel_rank, info.data_parallel_size) == (2, rank, 1)
+    assert position() == info and info.writes and info.is_main == (rank == 0)  # each rank writes its shard
+    assert torch.distributed.get_world_size(mp_group()) == 2 and torch.distributed.get_world_size(dp_group()) == 1
+    assert mp_src_rank() == 0
     args = tiny_args()
     out = {}
 
@@ -61,6 +64,14 @@ def _worker(rank, ckpt, save_dir):
     # 4. save at size 2 (each rank its shard)
     save_model(fp, save_dir, config=args.to_dict())
     return out
+
+
+def test_a_process_without_groups_is_rank_0_of_1():
+    assert position() == DistInfo() and position().writes and position().is_main
+    assert dp_group() is None and mp_group() is None and mp_src_rank() == 0
+    info = init_distributed(1)
+    assert info == position() and (info.world_size, info.model_parallel_size, info.data_parallel_size) == (1, 1, 1)
+    assert mp_group() is not None and dp_group() is not None
 
 
 @pytest.fixture(scope="module")

@@ -108,8 +108,9 @@ def test_training_with_images_through_the_trainer_reduces_loss(env, tmp_path):
     dataset = InstructionDataset(load_data_config(cfg), env.tokenizer, max_words=200)
     config = TrainConfig(output_dir=tmp_path / "out", batch_size=2, lr=1e-2, max_iters=12, tensorboard=False)
     trainer = Trainer(model, args, dataset, config)
-    assert dataset.preprocess == model.visual.preprocess  # taken from the model
-    assert dataset.max_words == args.max_seq_len - model.image_positions()  # room for the image tokens
+    assert trainer.dataset.preprocess == model.visual.preprocess  # taken from the model
+    assert trainer.dataset.max_words == args.max_seq_len - model.image_positions()  # room for the image tokens
+    assert dataset.preprocess is None and dataset.max_words == 200  # the caller's dataset is left as it was
     seen = []
     forward = model.forward
     model.forward = lambda *a, **kw: (seen.append(kw.get("images")), forward(*a, **kw))[1]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 
@@ -132,8 +133,8 @@ def _trainer(env, tmp_path, **cfg):
 
 
 def test_keep_last_and_epoch_checkpoints(env, tmp_path):
-    trainer = _trainer(env, tmp_path, max_iters=7, accum_iter=2, save_iteration_interval=3, save_interval=1,
-                       keep_last=2, tensorboard=True)  # fmt: skip
+    saves = dict(save_iteration_interval=3, save_interval=1, keep_last=2)
+    trainer = _trainer(env, tmp_path, max_iters=7, accum_iter=2, tensorboard=True, **saves)
     assert len(trainer.dataset) == 16 and trainer.steps_per_epoch == 4  # 2 x 2 examples per step
     trainer.fit()
     # saved at 3, 4 (end of epoch 0), 6; the newest two kept
@@ -156,3 +157,62 @@ def test_reduced_precision_trains_close_to_fp32(env, tmp_path, precision):
     assert losses[precision] == pytest.approx(losses["fp32"], rel=0.05)
     state = torch.load(tmp_path / precision / "checkpoint-0000002" / "train_state.pt", weights_only=True)
     assert bool(state["scaler"]) == (precision == "fp16")  # the loss scale is part of the checkpoint
+
+
+def _reference_step(model, examples, clip=0.0):
+    """An independent computation of one optimizer step's loss and gradients: each example alone (no padding),
+    position t predicting token t + 1, the summed cross entropy over the step's labelled targets divided by their
+    count; the gradients clipped by torch's clip_grad_norm_."""
+    model.zero_grad()
+    loss_sum, count = 0.0, 0
+    for tokens, labels in examples:
+        logits = model(tokens[None])[0]
+        keep = labels[1:] != -100
+        loss_sum = loss_sum + torch.nn.functional.cross_entropy(logits[:-1][keep], labels[1:][keep], reduction="sum")
+        count += int(keep.sum())
+    loss = loss_sum / count
+    loss.backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(("batch_size", "accum_iter", "clip"), [(4, 1, 0.0), (2, 2, 0.0), (2, 2, 1e-3)])
+def test_the_logged_loss_and_gradients_equal_an_independent_step(env, tmp_path, batch_size, accum_iter, clip):
+    """Accumulation 2 x 2 is one batch of 4; the logged loss is the back-propagated one; clipping is applied."""
+    model = _model(env, quant=None)
+    with torch.no_grad():  # non-zero B, so every LoRA tensor gets a gradient
+        g = torch.Generator().manual_seed(0)
+        for n, p in model.named_parameters():
+            if n.endswith("lora_b"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    reference_model = copy.deepcopy(model)
+    dataset = InstructionDataset(load_data_config(env.data_config), env.tokenizer, max_words=64, seed=0)
+    sizes = dict(batch_size=batch_size, accum_iter=accum_iter, clip_grad=clip)
+    config = TrainConfig(output_dir=tmp_path, max_iters=1, save_interval=0, tensorboard=False, **sizes)
+    trainer = Trainer(model, model.args, dataset, config)
+    first_step = [dataset[i] for i in trainer.sampler.indices(0)[:4]]
+    grads = {}
+    trainer.optimizer.step = lambda: grads.update(
+        {n: p.grad.clone() for n, p in trainer.module.named_parameters() if p.requires_grad}
+    )
+    (logged,) = trainer.fit()
+
+    loss, expected = _reference_step(reference_model, first_step, clip)
+    assert logged == pytest.approx(loss, rel=1e-6)
+    assert grads.keys() == expected.keys() and len(grads) == 2 * 7 * 2
+    for name in expected:
+        torch.testing.assert_close(grads[name], expected[name], rtol=1e-5, atol=1e-9)
+    if clip:
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
+        assert float(total) == pytest.approx(clip, rel=1e-4)
+
+
+def test_the_trainer_leaves_the_callers_config_alone(env, tmp_path):
+    config = TrainConfig(output_dir=tmp_path, batch_size=2, max_iters=1, only_save_trainable=False, tensorboard=False)
+    model = _model(env)  # 4-bit base: saves hold the trainable tensors whatever the config says
+    dataset = InstructionDataset(load_data_config(env.data_config), env.tokenizer, max_words=64, seed=0)
+    trainer = Trainer(model, model.args, dataset, config)
+    assert trainer.only_save_trainable and not config.only_save_trainable
+    assert trainer.dataset is dataset  # text data is used as given
