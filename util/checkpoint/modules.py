@@ -18,6 +18,7 @@ import torch
 from util.checkpoint.errors import CheckpointError
 from util.checkpoint.files import atomic_write, write_json
 from util.checkpoint.lazyllama import save_checkpoint
+from util.dist import position
 
 
 def model_state(
@@ -64,7 +65,8 @@ def save_model(
     Under data parallelism only data-parallel rank 0 writes (the other replicas hold the same values).
     Returns the file this process wrote, or None if it wrote nothing.
     """
-    writes, rank, world_size = _parallel_position()
+    pos = position()
+    writes, rank, world_size = pos.writes, pos.model_parallel_rank, pos.model_parallel_size
     if not writes:
         return None
     tensors, dims = model_state(model, trainable_only=trainable_only)
@@ -77,19 +79,6 @@ def save_model(
         config=config,
         trainable_only=trainable_only,
         extra=extra,
-    )
-
-
-def _parallel_position() -> tuple[bool, int, int]:
-    """(writes, model-parallel rank, model-parallel size) of this process: only data-parallel rank 0 writes."""
-    from fairscale.nn.model_parallel import initialize as fs_mp
-
-    if not fs_mp.model_parallel_is_initialized():
-        return True, 0, 1
-    return (
-        fs_mp.get_data_parallel_rank() == 0,
-        fs_mp.get_model_parallel_rank(),
-        fs_mp.get_model_parallel_world_size(),
     )
 
 
@@ -203,7 +192,8 @@ def save_quantized(
     adopted as they are (report.quantized == 0).
     Returns the file this process wrote, or None if it wrote nothing.
     """
-    writes, rank, world_size = _parallel_position()
+    pos = position()
+    writes, rank, world_size = pos.writes, pos.model_parallel_rank, pos.model_parallel_size
     tensors, dims, quantization = quantized_model_state(model, adapters=adapters, world_size=world_size)
     if not writes:
         return None
@@ -236,7 +226,8 @@ def export_meta(model: torch.nn.Module, out_dir: str | Path, *, params: dict[str
     Refuses quantized weights and tensors Meta's layout has no place for (adapters, tuning biases): merge or
     drop them first.
     """
-    writes, rank, _ = _parallel_position()
+    pos = position()
+    writes, rank = pos.writes, pos.model_parallel_rank
     if not writes:
         return None
     tensors, _ = model_state(model)
