@@ -21,7 +21,6 @@ from tests.finetune_env import REPO, TOKENS, make_env
 from tests.multiprocess import run_multiprocess
 from util.build import build_model
 from util.checkpoint import open_checkpoint
-from util.tokenizer import Tokenizer
 from util.train import SAVE_PAUSE_ENV, TRAIN_STATE, clip_grad_norm_, shard_dims_of
 
 STEPS = 8
@@ -258,9 +257,5 @@ def test_configuration_mistakes_fail_before_the_build(env, tmp_path):
         main_finetune.main(env.argv(tmp_path, "--quant", "4bit", "--data_parallel", "fsdp", "--max_iters", "1"))
     with pytest.raises(FileNotFoundError, match="--resume latest: no checkpoint-"):
         main_finetune.main(env.argv(tmp_path / "empty", "--resume", "latest"))
-    opts = main_finetune.get_args_parser().parse_args(env.argv(tmp_path, "--pretrained_format", "meta"))
-    args = main_finetune.model_config(opts, Tokenizer(env.tokenizer))
-    assert args.lora_rank == 16 and args.dim == 64  # the base's params.json, then the LoRA config on top
-    opts.pretrained_format = "hf"
-    with pytest.raises(ValueError, match=str(env.base)):
-        main_finetune.model_config(opts, Tokenizer(env.tokenizer))
+    with pytest.raises(ValueError, match=str(env.base)):  # --pretrained_format reaches open_checkpoint
+        main_finetune.main(env.argv(tmp_path, "--pretrained_format", "hf"))

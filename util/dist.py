@@ -115,3 +115,12 @@ def destroy_distributed() -> None:
         fs_mp.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def shutdown(*, keep_process_group: bool = False) -> None:
+    """The one teardown: the model-parallel groups, then the process group unless keep_process_group (it was the
+    caller's). Idempotent."""
+    if fs_mp.model_parallel_is_initialized():
+        fs_mp.destroy_model_parallel()
+    if not keep_process_group and dist.is_initialized():
+        dist.destroy_process_group()
