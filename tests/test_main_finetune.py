@@ -239,15 +239,37 @@ def test_quickstart_default_makes_its_inputs_and_a_lora_delta(tmp_path, capsys):
     assert (out / "base" / "consolidated.00.pth").stat().st_mtime_ns == stamp
 
 
+def _main_finetune(*argv: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "main_finetune.py", *argv]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return errors[0]
+
+
 def test_command_line_errors_name_the_problem(env, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("sources:\n  - {path: nowhere.json, type: alpaca}\n")
-    proc = subprocess.run(
-        [sys.executable, "main_finetune.py", *env.argv(tmp_path / "o", "--data_config", str(bad))],
-        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "nowhere.json" in proc.stderr and str(bad) in proc.stderr and "Traceback" not in proc.stderr
+    error = _one_error_line(_main_finetune(*env.argv(tmp_path / "o", "--data_config", str(bad))))
+    assert "nowhere.json" in error and str(bad) in error
+    bad_value = tmp_path / "bad_value.json"
+    bad_value.write_text('{"lora_rank": "16"}')
+    error = _one_error_line(_main_finetune(*env.argv(tmp_path / "o", "--llama_config", str(bad_value))))
+    assert error == f"error: {bad_value}: lora_rank='16' is not a valid value: expected int"
+
+
+def test_a_checkpoint_that_does_not_fit_the_config_is_one_error_line(killed, env, tmp_path):
+    """A LoRA delta on a config with fewer LoRA targets: its other adapters fit no tensor (a KeyError inside)."""
+    only_wq = tmp_path / "only_wq.json"
+    only_wq.write_text('{"lora_targets": ["wq"]}')
+    argv = env.argv(tmp_path / "o", "--llama_config", str(REPO / "configs" / "lora_r16.json"), str(only_wq))
+    argv[argv.index(str(env.base)) + 1 : argv.index(str(env.base)) + 1] = [str(killed / "checkpoint-0000002")]
+    error = _one_error_line(_main_finetune(*argv))
+    assert "are not in the model" in error and "layers.0.attention.wk.lora" in error
 
 
 def test_configuration_mistakes_fail_before_the_build(env, tmp_path):
