@@ -156,7 +156,9 @@ def test_the_readme_chat_command_loads_a_fine_tuned_delta(model_dir, tmp_path):
         shutil.copy(f, tmp_path / "llama-2-7b" / f.name)
     for d in ("configs", "data"):
         (tmp_path / d).symlink_to(ROOT / d)
-    tiny_run = "--max_iters 2 --batch_size 2 --max_words 64 --num_workers 0 --save_interval 0 --no_tensorboard".split()
+    tiny_run = shlex.split(
+        "--max_iters 2 --batch_size 2 --max_words 64 --num_workers 0 --save_interval 0 --no_tensorboard"
+    )
     cmd = [sys.executable, str(ROOT / "main_finetune.py"), *readme_command("main_finetune.py"), *tiny_run]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)

@@ -36,25 +36,23 @@ def _session(rank, env, out):
     results = {}
     for name, mp in [("dp2", 1), ("mp2", 2)]:
         init_distributed(mp)
-        res = main_finetune.main(env.argv(
-            out / name, "--quant", "4bit", "--max_iters", str(STEPS), "--model_parallel_size", str(mp),
-            "--accum_iter", "2", "--checkpointing", "--clip_grad", "1.0", "--save_iteration_interval", "4",
-        ))  # fmt: skip
+        extra = f"--quant 4bit --max_iters {STEPS} --model_parallel_size {mp} --accum_iter 2 --checkpointing"
+        extra += " --clip_grad 1.0 --save_iteration_interval 4"
+        res = main_finetune.main(env.argv(out / name, *extra.split()))
         model = res.model.eval()
         reloaded, _ = build_model(None, [env.base, res.final_dir], quant="4bit", dtype=torch.float32)  # this layout
         with torch.no_grad():
             logits, logits_reloaded = model(TOKENS), reloaded.eval()(TOKENS)
         trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        results[name] = {"losses": res.losses, "logits": logits, "logits_reloaded": logits_reloaded,
-                         "trainable": trainable, "final": res.final_dir}  # fmt: skip
+        results[name] = dict(
+            losses=res.losses, logits=logits, logits_reloaded=logits_reloaded, trainable=trainable, final=res.final_dir
+        )
         fs_mp.destroy_model_parallel()
 
     init_distributed(1)
     for dp in ("ddp", "fsdp"):  # full fine-tuning of the unquantized base
-        res = main_finetune.main(env.argv(
-            out / dp, "--quant", "none", "--data_parallel", dp, "--max_iters", "3", "--lr", "1e-3",
-            "--clip_grad", "0.5", "--save_iteration_interval", "2", lora=False,
-        ))  # fmt: skip
+        extra = f"--quant none --data_parallel {dp} --max_iters 3 --lr 1e-3 --clip_grad 0.5 --save_iteration_interval 2"
+        res = main_finetune.main(env.argv(out / dp, *extra.split(), lora=False))
         results[dp] = {"losses": res.losses, "final": res.final_dir}
     fs_mp.destroy_model_parallel()
 
@@ -158,9 +156,13 @@ def killed(env, tmp_path_factory):
     out = tmp_path_factory.mktemp("killed")
     argv = env.argv(out, "--quant", "4bit", "--max_iters", "6", "--accum_iter", "2", "--save_iteration_interval", "2")
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "main_finetune.py"), *argv], cwd=REPO, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, text=True, env={**os.environ, SAVE_PAUSE_ENV: "4:120", "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
+        [sys.executable, str(REPO / "main_finetune.py"), *argv],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, SAVE_PAUSE_ENV: "4:120", "PYTHONPATH": str(REPO)},
+    )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
     try:
@@ -195,21 +197,8 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_intact(killed, env)
 def test_resume_continues_exactly(killed, env, tmp_path):
     argv = env.argv(tmp_path / "straight", "--quant", "4bit", "--max_iters", "6", "--accum_iter", "2")
     straight = main_finetune.main(argv).losses  # 16 examples, 2 x 2 per step: resumed at 2, crosses an epoch at 4
-    resumed = main_finetune.main(
-        env.argv(
-            killed,
-            "--quant",
-            "4bit",
-            "--max_iters",
-            "6",
-            "--accum_iter",
-            "2",
-            "--save_iteration_interval",
-            "2",
-            "--resume",
-            "latest",
-        )  # fmt: skip
-    ).losses
+    extra = "--quant 4bit --max_iters 6 --accum_iter 2 --save_iteration_interval 2 --resume latest"
+    resumed = main_finetune.main(env.argv(killed, *extra.split())).losses
     assert len(straight) == len(resumed) == 6
     assert resumed == straight  # the killed run's first 2 (from its checkpoint), then 4 more: bit for bit
     logged = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()]
