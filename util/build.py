@@ -93,11 +93,11 @@ def build_model(
     from the checkpoint's embedding. checkpoints: paths (opened and closed here) or open readers (left open for
     their owner, e.g. an entry script's `open_checkpoints` block).
     """
-    # Paths are opened (format auto-detected) and closed here; CheckpointReader objects (e.g. opened with an
-    # explicit format) are used as given and left open for their owner.
-    readers = [p if isinstance(p, CheckpointReader) else open_checkpoint(p) for p in checkpoints or []]
-    owned = [r for r, p in zip(readers, checkpoints or []) if r is not p]
-    try:
+    with contextlib.ExitStack() as opened:  # paths are opened here and closed on leaving; readers stay open
+        readers = [
+            p if isinstance(p, CheckpointReader) else opened.enter_context(open_checkpoint(p))
+            for p in checkpoints or []
+        ]
         # 0. config: given, or the checkpoints' (the one rule, see model_config)
         args = model_config(readers) if args is None else with_vocab(args, readers)
 
@@ -120,9 +120,6 @@ def build_model(
 
         # 4. allocate, fill (checkpoint or reset_parameters), quantize, release: one tensor at a time
         report = materialize_and_load(model, readers, device=device, seed=seed, strict=strict)
-    finally:
-        for reader in owned:
-            reader.close()
 
     # 5. invariants (materialize_and_load verified nothing is on meta, no NaN): the trainable set is the
     #    predicate's, quantized weights are frozen
