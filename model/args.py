@@ -87,6 +87,7 @@ class ModelArgs:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{source}: unknown config key(s) {unknown}; known keys are {sorted(known)}")
+        _check_types(values, source)
         merged = base.to_dict() if base is not None else {}
         merged.update(values)
         return cls(**merged)
@@ -109,6 +110,36 @@ class ModelArgs:
         if self.vocab_size != vocab_size:
             raise ValueError(f"vocab_size={self.vocab_size} in the config but {source} has {vocab_size}")
         return self
+
+
+# The JSON types each annotation accepts (a float field takes an integer; a bool is no number here).
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+    "dict": (dict,),
+    "tuple[str, ...]": (list, tuple),
+}
+
+
+def _check_types(values: dict[str, Any], source: str) -> None:
+    """A value of the wrong type is an error naming the key, not a TypeError deep in the model's construction."""
+    for f in fields(ModelArgs):
+        if f.name not in values:
+            continue
+        value, kinds = values[f.name], str(f.type).split(" | ")
+        if value is None and "None" in kinds:
+            continue
+        ok = any(
+            isinstance(value, _JSON_TYPES[k]) and not (isinstance(value, bool) and k in ("int", "float"))
+            for k in kinds
+            if k in _JSON_TYPES
+        )
+        if ok and f.type == "tuple[str, ...]":
+            ok = all(isinstance(v, str) for v in value)
+        if not ok:
+            raise TypeError(f"{source}: {f.name}={value!r} is not a valid value: expected {f.type}")
 
 
 def read_config_json(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
