@@ -5,11 +5,13 @@
     quantize_model(model, "4bit")            # still on meta
     report = materialize_and_load(model, [ckpt_dir])
 
-`materialize_and_load` walks the modules in order. For each tensor still on meta it allocates storage on
-`device` and fills it from the last checkpoint that has it (this rank's slice, cast to the tensor's dtype) or,
-where no checkpoint has it, by its module's own `reset_parameters` (seeded per module name, so the result does
-not depend on walk order or on other modules). Quantized linears quantize their weight as it arrives - or, from
-a pre-quantized checkpoint (`util.checkpoint.save_quantized`), adopt the stored packed weight and quantization
+`materialize_and_load` plans, validates, then fills. The plan records, for each tensor still on meta, the last
+checkpoint that has it (in full precision or pre-quantized) or that its module initializes it. Validation, before
+any allocation: shapes, pre-quantized settings, missing and unexpected keys. The fill goes module by module
+(full-precision modules first): storage on `device`, filled from the checkpoint (this rank's slice, cast to the
+tensor's dtype) or by the module's own `reset_parameters` (seeded per module name, so the result does not depend
+on walk order or on other modules). Quantized linears quantize their weight as it arrives - or, from a
+pre-quantized checkpoint (`util.checkpoint.save_quantized`), adopt the stored packed weight and quantization
 state as they are (copied straight into fresh storage on `device`; nothing is quantized). The checkpoint's pages
 are released as soon as a tensor is consumed and freed heap is returned to the OS after each module, so peak
 memory stays near the size of the finished model.
@@ -159,7 +161,7 @@ class ModulePlan:
 
 
 @dataclass
-class Sources:
+class _Sources:
     """Which checkpoint wins for each key: the last one holding it (in `readers` order)."""
 
     readers: list[CheckpointReader]
@@ -216,13 +218,12 @@ def materialize_and_load(
     memory.reset_peak_rss()
     memory.reset_peak_device_memory(device)
     try:
-        # 1. plan, 2. validate - both before any allocation; 3. fill module by module; 4. verify
-        sources = Sources(readers)
-        _check_prequantized(model, readers, world_size)
-        plans = plan_tensors(model, sources)
-        validate_plan(plans, sources, world_size=world_size, strict=strict, allow_missing=allow_missing, report=report)
-        _Filler(device, seed, mp_rank(), world_size, report).fill(plans)
-        _check_nothing_on_meta(model)
+        sources = _Sources(readers)
+        plans = _plan(model, sources)  # 1. plan: every tensor and where its values come from
+        _check_prequantized(model, readers, world_size)  # 2. validate, before any allocation
+        _validate(plans, sources, world_size=world_size, strict=strict, allow_missing=allow_missing, report=report)
+        _Filler(device, seed, mp_rank(), world_size, report).fill(plans)  # 3. fill, module by module
+        _check_nothing_on_meta(model)  # 4. verify
     finally:
         for reader in owned:
             reader.close()
@@ -237,7 +238,7 @@ def _key(mod_name: str, name: str) -> str:
     return f"{mod_name}.{name}" if mod_name else name
 
 
-def plan_tensors(model: nn.Module, sources: Sources) -> list[ModulePlan]:
+def _plan(model: nn.Module, sources: _Sources) -> list[ModulePlan]:
     """Every module with the tensors it owns directly, each with its source; no checks, no allocation."""
     plans = []
     seen: set[int] = set()  # a tensor shared by several modules is filled once, where it is first seen
@@ -254,9 +255,9 @@ def plan_tensors(model: nn.Module, sources: Sources) -> list[ModulePlan]:
     return plans
 
 
-def validate_plan(
+def _validate(
     plans: list[ModulePlan],
-    sources: Sources,
+    sources: _Sources,
     *,
     world_size: int,
     strict: bool,
@@ -317,7 +318,7 @@ def _check_shape(module: nn.Module, tp: TensorPlan, world_size: int) -> None:
         )
 
 
-def _model_keys(plans: list[ModulePlan], sources: Sources) -> set[str]:
+def _model_keys(plans: list[ModulePlan], sources: _Sources) -> set[str]:
     """The checkpoint keys this model reads: its tensors' keys and, for a weight some checkpoint stores
     pre-quantized, the packed tensors standing for it (in any checkpoint)."""
     keys = set()

@@ -226,6 +226,27 @@ def test_wrong_shape_names_key_file_expected_and_got(ckpt, tmp_path):
         build_model(args.replace(dim=128, n_heads=8, n_kv_heads=4), [tmp_path], dtype=torch.float32)
 
 
+@pytest.mark.parametrize("problem", ["shape", "missing", "unexpected"])
+def test_a_checkpoint_that_fails_validation_allocates_nothing(ckpt, tmp_path, monkeypatch, problem):
+    # Every check runs before the first allocation: a mistake in the last layer costs no memory and no time.
+    args, sd, _ = ckpt
+    last = f"layers.{args.n_layers - 1}.feed_forward.w2.weight"
+    bad = dict(sd)
+    if problem == "shape":
+        bad[last] = sd[last][:, :-1].clone()
+    elif problem == "missing":
+        del bad[last]
+    else:
+        bad["layers.9.feed_forward.w2.weight"] = sd[last]
+    write_meta_checkpoint(tmp_path, bad, params=params_of(args))
+    allocated = []
+    monkeypatch.setattr(lazy_init, "_empty", lambda *a: allocated.append(a) or torch.empty(*a))
+    model = _meta_model(args, quant="4bit")
+    with pytest.raises((ValueError, KeyError), match=last.replace(".", r"\.") if problem != "unexpected" else "layers"):
+        materialize_and_load(model, [tmp_path])
+    assert allocated == [] and all(t.is_meta for t in model.state_dict().values())
+
+
 def test_nan_in_checkpoint_is_caught(ckpt, tmp_path):
     args, sd, _ = ckpt
     bad = dict(sd)
