@@ -270,19 +270,8 @@ def _validate(
     missing_base: list[str] = []  # missing, and their module does not allow it
     for mp in plans:
         for tp in mp.tensors:
-            if tp.packed is not None and not (isinstance(mp.module, QuantLinear) and tp.name == "weight"):
-                raise ValueError(
-                    f"{tp.key} is stored pre-quantized ({_describe(tp.packed.quantization)}) in {tp.packed.path}, "
-                    f"but this model keeps {mp.name or 'it'} in full precision ({type(mp.module).__name__}). Build "
-                    "with the block list the checkpoint was quantized with, or load the full-precision checkpoint"
-                )
-            if not tp.fill:
-                continue
-            if tp.packed is not None:
-                _check_packed(mp.module, tp.key, tp.packed, world_size)
-            elif tp.source is not None:
-                _check_shape(mp.module, tp, world_size)
-            elif tp.persistent and sources.readers:
+            _check_tensor(mp, tp, world_size)
+            if tp.fill and tp.source is None and tp.packed is None and tp.persistent and sources.readers:
                 (report.missing_keys if allow_missing(mp.module, tp.key) else missing_base).append(tp.key)
     if strict and missing_base:
         raise KeyError(
@@ -291,6 +280,33 @@ def _validate(
             "Check that the checkpoint matches the config (n_layers, names), or pass the missing checkpoint."
         )
     report.missing_keys.extend(missing_base)
+    _sort_unused_keys(plans, sources, report)
+    if strict and report.unexpected_keys:
+        files = sorted({sources.full[k].file_of(k) for k in report.unexpected_keys})
+        raise KeyError(
+            f"{len(report.unexpected_keys)} key(s) in {files} are not in the model: "
+            f"{_short(report.unexpected_keys, 20)}. Wrong config for this checkpoint? "
+            "(strict=False loads anyway and reports them)"
+        )
+
+
+def _check_tensor(mp: ModulePlan, tp: TensorPlan, world_size: int) -> None:
+    if tp.packed is not None and not (isinstance(mp.module, QuantLinear) and tp.name == "weight"):
+        raise ValueError(
+            f"{tp.key} is stored pre-quantized ({_describe(tp.packed.quantization)}) in {tp.packed.path}, "
+            f"but this model keeps {mp.name or 'it'} in full precision ({type(mp.module).__name__}). Build "
+            "with the block list the checkpoint was quantized with, or load the full-precision checkpoint"
+        )
+    if not tp.fill:
+        return
+    if tp.packed is not None:
+        _check_packed(mp.module, tp.key, tp.packed, world_size)
+    elif tp.source is not None:
+        _check_shape(mp.module, tp, world_size)
+
+
+def _sort_unused_keys(plans: list[ModulePlan], sources: _Sources, report: LoadReport) -> None:
+    """Checkpoint keys the model does not read: ignored (it computes them itself) or unexpected."""
     model_keys = _model_keys(plans, sources)
     for key in sources.full:
         if key in model_keys:
@@ -299,13 +315,6 @@ def _validate(
             report.ignored_keys.append(key)
         else:
             report.unexpected_keys.append(key)
-    if strict and report.unexpected_keys:
-        files = sorted({sources.full[k].file_of(k) for k in report.unexpected_keys})
-        raise KeyError(
-            f"{len(report.unexpected_keys)} key(s) in {files} are not in the model: "
-            f"{_short(report.unexpected_keys, 20)}. Wrong config for this checkpoint? "
-            "(strict=False loads anyway and reports them)"
-        )
 
 
 def _check_shape(module: nn.Module, tp: TensorPlan, world_size: int) -> None:
