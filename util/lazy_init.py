@@ -446,14 +446,15 @@ class _Filler:
                     self._fill_module(mp)
                 memory.malloc_trim()
 
-    # --- reading: this rank's slice, then the source pages are released
+    # --- reading this rank's slice
 
     def _read(self, module: nn.Module, tp: TensorPlan) -> torch.Tensor:
+        """A view where it can be (an mmap slice): the caller releases the pages once it is consumed."""
         dim = getattr(module, "shard_dims", {}).get(tp.name)
         return tp.source.read(tp.key, shard_dim=dim, rank=self.rank, world_size=self.world_size)
 
     def _load_into(self, module: nn.Module, tp: TensorPlan, out: torch.Tensor) -> None:
-        """Cast to out's dtype; from the file where it can."""
+        """Into `out`, cast to its dtype (read from the file where it can); then the pages are released."""
         dim = getattr(module, "shard_dims", {}).get(tp.name)
         tp.source.read_into(tp.key, out, shard_dim=dim, rank=self.rank, world_size=self.world_size)
         tp.source.release(tp.key)
