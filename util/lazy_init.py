@@ -33,9 +33,9 @@ from torch import nn
 
 from model.init import meta_init as meta_init  # re-exported: the public API is util.lazy_init.meta_init
 from model.init import real_init as real_init
-from model.layers.parallel import mp_rank, mp_world_size
 from util import memory
 from util.checkpoint import CheckpointReader, open_checkpoint, packed_key
+from util.dist import position
 from util.quant import QUANT_MODES, QuantLinear
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,8 @@ def materialize_and_load(
     """
     t0 = time.perf_counter()
     device = torch.device(device)
-    world_size = mp_world_size()
+    pos = position()
+    world_size = pos.model_parallel_size
     allow_missing = allow_missing or (lambda module, key: allows_missing(module))
     readers = [c if isinstance(c, CheckpointReader) else open_checkpoint(c) for c in checkpoints or []]
     owned = [r for r, c in zip(readers, checkpoints or []) if not isinstance(c, CheckpointReader)]
@@ -222,7 +223,7 @@ def materialize_and_load(
         plans = _plan(model, sources)  # 1. plan: every tensor and where its values come from
         _check_prequantized(model, readers, world_size)  # 2. validate, before any allocation
         _validate(plans, sources, world_size=world_size, strict=strict, allow_missing=allow_missing, report=report)
-        _Filler(device, seed, mp_rank(), world_size, report).fill(plans)  # 3. fill, module by module
+        _Filler(device, seed, pos.model_parallel_rank, world_size, report).fill(plans)  # 3. fill, module by module
         _check_nothing_on_meta(model)  # 4. verify
     finally:
         for reader in owned:
