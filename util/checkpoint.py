@@ -49,6 +49,8 @@ from typing import IO, Any
 
 import torch
 
+from util.hf_config import hf_config_to_params
+
 __all__ = [
     "CheckpointError",
     "CheckpointReader",
@@ -198,28 +200,6 @@ def hf_unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """HF -> Meta layout of a q/k projection: the exact inverse of `hf_permute_qk`. Works on whole heads."""
     head_dim = _check_qk(w, n_heads, "hf_unpermute_qk")
     return w.reshape(n_heads, 2, head_dim // 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
-
-
-# HF config.json field -> ModelArgs field
-_HF_CONFIG_MAP = {
-    "hidden_size": "dim",
-    "num_hidden_layers": "n_layers",
-    "num_attention_heads": "n_heads",
-    "num_key_value_heads": "n_kv_heads",
-    "intermediate_size": "ffn_hidden_dim",
-    "rms_norm_eps": "norm_eps",
-    "rope_theta": "rope_theta",
-    "vocab_size": "vocab_size",
-    "max_position_embeddings": "max_seq_len",
-}
-
-
-def hf_config_to_params(hf: Mapping[str, Any]) -> dict[str, Any]:
-    """Map a HF LLaMA config.json to ModelArgs field names; fields ModelArgs has no place for are dropped."""
-    params = {ours: hf[theirs] for theirs, ours in _HF_CONFIG_MAP.items() if hf.get(theirs) is not None}
-    if "n_heads" in params and "n_kv_heads" not in params:
-        params["n_kv_heads"] = params["n_heads"]  # HF's default when the field is absent (no GQA)
-    return params
 
 
 def _ffn_hidden_dim(params: Mapping[str, Any]) -> int:
@@ -947,7 +927,6 @@ class _HFReader(CheckpointReader):
         config: dict[str, Any] | None,
         config_file: Path | None,
         weight_map: dict[str, str] | None = None,
-        tie_word_embeddings: bool = False,
     ):
         super().__init__(path, "hf", config)
         self._files = [_SafetensorsFile(f) for f in files]
@@ -967,9 +946,8 @@ class _HFReader(CheckpointReader):
                         f"{path}: the index model.safetensors.index.json says {name!r} is in {fname}, but "
                         f"{'that file does not have it' if fname in by_name else 'that file is missing'}"
                     )
-        # HF ties the output head to the embedding when tie_word_embeddings is set and saves no lm_head
-        if "output.weight" not in self._where and "tok_embeddings.weight" in self._where and tie_word_embeddings:
-            self._where["output.weight"] = self._where["tok_embeddings.weight"]
+        # A tied model (config tie_word_embeddings: true) saves no lm_head: its config builds a model whose head
+        # is the embedding (ModelArgs.tie_word_embeddings), so nothing is aliased here.
         for field in sorted(set(self._permuted.values())):
             if not config or not isinstance(config.get(field), int):
                 raise CheckpointError(
@@ -1214,17 +1192,18 @@ def _meta_files(path: Path) -> list[Path]:
     return [found[i] for i in expected]
 
 
-def _hf_config(path: Path) -> tuple[dict[str, Any] | None, Path | None, bool]:
-    """Config beside safetensors weights: config.json (mapped from HF names), else params.json (as is).
-
-    Also returns the file it came from and HF's tie_word_embeddings flag.
-    """
+def _hf_config(path: Path) -> tuple[dict[str, Any] | None, Path | None]:
+    """Config beside safetensors weights, and the file it came from: config.json (mapped from HF names by
+    util/hf_config.py; a field that is not implemented is an error naming it), else params.json (as is)."""
     cfg_path = path / "config.json"
     hf = _read_config(cfg_path)
     if hf is not None:
-        return hf_config_to_params(hf), cfg_path, bool(hf.get("tie_word_embeddings", False))
+        try:
+            return hf_config_to_params(hf, source=cfg_path), cfg_path
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     meta_path = path / "params.json"
-    return _read_config(meta_path), (meta_path if meta_path.is_file() else None), False
+    return _read_config(meta_path), (meta_path if meta_path.is_file() else None)
 
 
 def _open_hf_dir(path: Path) -> _HFReader:
@@ -1246,8 +1225,8 @@ def _open_hf_dir(path: Path) -> _HFReader:
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{path}: no *.safetensors files (expected a Hugging Face checkpoint directory)")
-    config, config_file, tied = _hf_config(path)
-    return _HFReader(path, files, config, config_file, weight_map, tied)
+    config, config_file = _hf_config(path)
+    return _HFReader(path, files, config, config_file, weight_map)
 
 
 def _open_safetensors_file(path: Path, format: str) -> CheckpointReader:
@@ -1267,8 +1246,8 @@ def _open_safetensors_file(path: Path, format: str) -> CheckpointReader:
         raise CheckpointError(f"{path}: not a lazyllama file (its safetensors metadata has no format=lazyllama)")
     if format == "meta":
         raise CheckpointError(f"{path}: a safetensors file cannot be read as format 'meta' (.pth files only)")
-    config, config_file, tied = _hf_config(path.parent)
-    return _HFReader(path, [path], config, config_file, None, tied)
+    config, config_file = _hf_config(path.parent)
+    return _HFReader(path, [path], config, config_file, None)
 
 
 def open_checkpoint(path: str | Path, *, format: str = "auto") -> CheckpointReader:
