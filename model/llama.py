@@ -128,7 +128,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         # Tied (Llama 3.2 1B/3B): the head is the embedding itself, one parameter, trained as one (see logits)
-        self.output = None if args.tie_word_embeddings else ColumnParallelLinear(args.dim, args.vocab_size, gather_output=True)
+        self.output = (
+            None if args.tie_word_embeddings else ColumnParallelLinear(args.dim, args.vocab_size, gather_output=True)
+        )
         self.rope = RotaryEmbedding(args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling_params)
         depth = adapter_depth(args)
         self.adapter = AdapterPrompt(depth, args.adapter_len, args.dim) if depth else None

@@ -107,7 +107,9 @@ def _rope(hf: Mapping[str, Any], source: str | Path) -> dict[str, Any]:
     if "partial_rotary_factor" in rope:
         value = rope.pop("partial_rotary_factor")
         if value not in MUST_BE["partial_rotary_factor"]:
-            raise _fail(source, f"{where}.partial_rotary_factor={value!r} is not implemented: RoPE rotates the whole head")
+            raise _fail(
+                source, f"{where}.partial_rotary_factor={value!r} is not implemented: RoPE rotates the whole head"
+            )
     if kind == "default":
         if rope:
             raise _fail(source, f"{where} with rope_type 'default' has unexpected field(s) {sorted(rope)}")
@@ -132,7 +134,9 @@ def _rope(hf: Mapping[str, Any], source: str | Path) -> dict[str, Any]:
         rope["original_max_position_embeddings"] = hf.get("max_position_embeddings")
     expected = set(ROPE_SCALING_KEYS[kind])
     if extra := sorted(set(rope) - expected):
-        raise _fail(source, f"{where} field(s) {extra} are not implemented for rope_type {kind!r} (known: {sorted(expected)})")
+        raise _fail(
+            source, f"{where} field(s) {extra} are not implemented for rope_type {kind!r} (known: {sorted(expected)})"
+        )
     if missing := sorted(k for k in expected if rope.get(k) is None):
         raise _fail(source, f"{where} of rope_type {kind!r} needs {missing}")
     out["rope_scaling"] = {"rope_type": kind, **{k: rope[k] for k in ROPE_SCALING_KEYS[kind]}}
@@ -162,7 +166,9 @@ def hf_config_to_params(hf: Mapping[str, Any], *, source: str | Path = "config.j
     if "n_heads" in params and "n_kv_heads" not in params:
         params["n_kv_heads"] = params["n_heads"]  # transformers' default when the field is absent (no GQA)
     head_dim = hf.get("head_dim")
-    if head_dim is not None and not ("dim" in params and "n_heads" in params and head_dim * params["n_heads"] == params["dim"]):
+    if head_dim is not None and not (
+        "dim" in params and "n_heads" in params and head_dim * params["n_heads"] == params["dim"]
+    ):
         params["head_size"] = head_dim  # only when it differs from dim // n_heads, so params stay Meta-like
     params.update(_rope(hf, source))
     return params

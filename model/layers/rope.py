@@ -48,7 +48,9 @@ def inv_frequencies(
         wavelen = 2 * math.pi / inv_freq
         smooth = ((context / wavelen - low) / (high - low)).clamp(0.0, 1.0)
         blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        return torch.where(wavelen > context / low, inv_freq / factor, torch.where(wavelen < context / high, inv_freq, blended))
+        return torch.where(
+            wavelen > context / low, inv_freq / factor, torch.where(wavelen < context / high, inv_freq, blended)
+        )
     return inv_freq
 
 
@@ -94,9 +96,7 @@ class RotaryEmbedding(nn.Module):
         seq = x.shape[1]
         end = start_pos + seq
         if end > self.max_seq_len:
-            raise ValueError(
-                f"position {end} exceeds max_seq_len={self.max_seq_len}; raise max_seq_len in the config"
-            )
+            raise ValueError(f"position {end} exceeds max_seq_len={self.max_seq_len}; raise max_seq_len in the config")
         if self._dynamic_past_context(end):
             angles = self._angles(start_pos, end, self.cos.device, seq_len=end)
             cos, sin = angles.cos().float().view(1, seq, 1, -1), angles.sin().float().view(1, seq, 1, -1)

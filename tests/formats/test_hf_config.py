@@ -194,9 +194,11 @@ def as_transformers4(path: Path, rope_scaling: dict | None, key: str = "rope_typ
     cfg = json.loads((path / "config.json").read_text())
     params = cfg.pop("rope_parameters")
     cfg["rope_theta"] = params["rope_theta"]
-    cfg["rope_scaling"] = None if rope_scaling is None else {key: rope_scaling["rope_type"]} | {
-        k: v for k, v in rope_scaling.items() if k != "rope_type"
-    }
+    cfg["rope_scaling"] = (
+        None
+        if rope_scaling is None
+        else {key: rope_scaling["rope_type"]} | {k: v for k, v in rope_scaling.items() if k != "rope_type"}
+    )
     cfg["torch_dtype"] = cfg.pop("dtype")
     cfg["transformers_version"] = "4.44.2"
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -208,7 +210,9 @@ def test_transformers4_layout_gives_the_same_logits(tmp_path, rope):
     save_hf(ref, hf_config(rope_parameters=dict(ROPES[rope])))
     save_hf(old, hf_config(rope_parameters=dict(ROPES[rope])))  # same seed: the same weights
     scaling = {k: v for k, v in ROPES[rope].items() if k != "rope_theta"}
-    as_transformers4(old, None if scaling["rope_type"] == "default" else scaling, key="type" if rope == "linear" else "rope_type")
+    as_transformers4(
+        old, None if scaling["rope_type"] == "default" else scaling, key="type" if rope == "linear" else "rope_type"
+    )
     toks = tokens(24)
     with torch.no_grad():
         err = (ours(old)(toks) - hf_logits(ref, toks)).abs().max().item()
@@ -225,9 +229,20 @@ def test_llama31_meta_params_with_use_scaled_rope(tmp_path):
     save_hf(hf_dir, hf_config(rope_parameters=llama3, max_position_embeddings=16384))
     with open_checkpoint(hf_dir) as reader:
         state = {k: reader.read(k).clone() for k in reader.keys()}
-    params = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": VOCAB, "multiple_of": 32,
-              "ffn_dim_multiplier": None, "ffn_hidden_dim": 96, "norm_eps": 1e-5, "rope_theta": 5e5,
-              "use_scaled_rope": True, "max_seq_len": 512}
+    params = {
+        "dim": 64,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "vocab_size": VOCAB,
+        "multiple_of": 32,
+        "ffn_dim_multiplier": None,
+        "ffn_hidden_dim": 96,
+        "norm_eps": 1e-5,
+        "rope_theta": 5e5,
+        "use_scaled_rope": True,
+        "max_seq_len": 512,
+    }
     write_meta_checkpoint(meta_dir, state, params=params)
     model = ours(meta_dir)
     assert model.args.rope_scaling_params == {**LLAMA3, "original_max_position_embeddings": 8192}
@@ -249,7 +264,7 @@ def test_inverse_frequencies_equal_transformers(rope, seq_len):
     config = hf_config(rope_parameters=dict(ROPES[rope]), head_dim=32)
     kind = ROPES[rope]["rope_type"]
     fn = LlamaForCausalLM(hf_config(num_hidden_layers=1)).model.rotary_emb.compute_default_rope_parameters
-    want, scale = (fn(config) if kind == "default" else ROPE_INIT_FUNCTIONS[kind](config, "cpu", seq_len=seq_len))
+    want, scale = fn(config) if kind == "default" else ROPE_INIT_FUNCTIONS[kind](config, "cpu", seq_len=seq_len)
     assert scale == 1.0
     args = ModelArgs.from_dict(hf_config_to_params(config.to_diff_dict()))
     got = inv_frequencies(args.head_dim, args.rope_theta, args.rope_scaling_params, seq_len=seq_len)
@@ -287,7 +302,10 @@ def test_llama3_bands():
         ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope_type='yarn'"),
         ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rope_type='longrope'"),
         ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4, "beta": 1}}, "beta"),
-        ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
+        (
+            {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+            "partial_rotary_factor",
+        ),
     ],
 )
 def test_unimplemented_config_field_is_an_error_naming_it_and_the_file(tmp_path, change, field):
