@@ -322,3 +322,33 @@ def test_fields_without_effect_are_accepted():
     params = hf_config_to_params(cfg, source="c.json")
     assert params["rope_theta"] == 5e5 and "rope_scaling" not in params
     assert params["max_seq_len"] == MAX_POS and params["n_kv_heads"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model parallel 2: a tied, llama3-scaled transformers checkpoint, each rank holding half the embedding
+# ---------------------------------------------------------------------------------------------------------
+
+MP_TOKENS = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(5))
+
+
+def _mp_worker(rank: int, path: str):
+    from util.dist import init_distributed
+
+    init_distributed(model_parallel_size=2)
+    model, _ = build_model(None, [path], dtype=torch.float32)
+    logits = model(MP_TOKENS)
+    logits.logsumexp(-1).mean().backward()
+    return logits.detach(), model.tok_embeddings.weight.grad.clone()
+
+
+def test_tied_scaled_checkpoint_under_model_parallel_2(tmp_path):
+    from tests.multiprocess import run_multiprocess
+
+    save_hf(tmp_path, hf_config(rope_parameters=dict(ROPES["llama3"]), tie_word_embeddings=True))
+    (l0, g0), (l1, g1) = run_multiprocess(_mp_worker, 2, str(tmp_path))
+    assert torch.equal(l0, l1)
+    assert (l0 - hf_logits(tmp_path, MP_TOKENS)).abs().max().item() <= 1e-5
+    model = ours(tmp_path)
+    model(MP_TOKENS).logsumexp(-1).mean().backward()
+    # each rank's gradient is its half of the embedding's width, equal to the single-process gradient's half
+    torch.testing.assert_close(torch.cat([g0, g1], dim=1), model.tok_embeddings.weight.grad, rtol=1e-5, atol=1e-7)
