@@ -172,3 +172,32 @@ def hf_config_to_params(hf: Mapping[str, Any], *, source: str | Path = "config.j
         params["head_size"] = head_dim  # only when it differs from dim // n_heads, so params stay Meta-like
     params.update(_rope(hf, source))
     return params
+
+
+def params_to_hf_fields(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The config.json fields for RoPE, head_dim, tying and token ids of a model with these ModelArgs fields, in
+    the layout both transformers 4 (>= 4.43, for llama3) and 5 read: top-level rope_theta and rope_scaling.
+
+    For an exporter: merge these into the config.json it writes (they override its rope_theta,
+    max_position_embeddings and tie_word_embeddings).
+    """
+    from model.args import META_LLAMA3_ROPE_SCALING
+
+    scaling = dict(META_LLAMA3_ROPE_SCALING) if params.get("use_scaled_rope") else params.get("rope_scaling")
+    max_pos = params.get("max_seq_len", 2048)
+    if scaling and scaling["rope_type"] == "dynamic":
+        # transformers grows the base past max_position_embeddings: it must be the scaling's original length
+        max_pos = scaling["original_max_position_embeddings"]
+        scaling = {k: v for k, v in scaling.items() if k != "original_max_position_embeddings"}
+    head_dim = params.get("head_size") or params["dim"] // params["n_heads"]
+    fields = {
+        "rope_theta": float(params.get("rope_theta", 10000.0)),
+        "rope_scaling": dict(scaling) if scaling else None,
+        "max_position_embeddings": max_pos,
+        "head_dim": head_dim,
+        "tie_word_embeddings": bool(params.get("tie_word_embeddings", False)),
+    }
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if params.get(key) is not None:
+            fields[key] = params[key]
+    return fields

@@ -20,7 +20,7 @@ from model.args import ModelArgs  # noqa: E402
 from model.layers.rope import inv_frequencies  # noqa: E402
 from util.build import build_model  # noqa: E402
 from util.checkpoint import CheckpointError, open_checkpoint, write_meta_checkpoint  # noqa: E402
-from util.hf_config import hf_config_to_params  # noqa: E402
+from util.hf_config import hf_config_to_params, params_to_hf_fields  # noqa: E402
 
 VOCAB, MAX_POS = 128, 32
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
@@ -352,3 +352,22 @@ def test_tied_scaled_checkpoint_under_model_parallel_2(tmp_path):
     model(MP_TOKENS).logsumexp(-1).mean().backward()
     # each rank's gradient is its half of the embedding's width, equal to the single-process gradient's half
     torch.testing.assert_close(torch.cat([g0, g1], dim=1), model.tok_embeddings.weight.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("rope", sorted(ROPES))
+def test_fields_for_export_read_back_by_transformers_and_by_us(tmp_path, rope):
+    """params_to_hf_fields writes what transformers needs for the same math, and reading it back is lossless."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    save_hf(src, hf_config(rope_parameters=dict(ROPES[rope]), tie_word_embeddings=True, eos_token_id=[2, 5]))
+    model = ours(src, max_seq_len=4 * MAX_POS)
+    save_hf(out, hf_config(rope_parameters=dict(ROPES[rope]), tie_word_embeddings=True))  # same weights
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["rope_parameters"]
+    cfg |= params_to_hf_fields(model.args.to_dict())
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert ModelArgs.from_dict(hf_config_to_params(cfg)) == model.args.replace(
+        max_seq_len=cfg["max_position_embeddings"]
+    )
+    toks = tokens(2 * MAX_POS - 7)  # past the original context for "dynamic"
+    with torch.no_grad():
+        assert (model(toks) - hf_logits(out, toks)).abs().max().item() <= 1e-5

@@ -82,3 +82,12 @@ def test_head_size_overrides_dim_over_heads():
         ModelArgs(dim=64, n_heads=4, head_size=7)
     with pytest.raises(ValueError, match="not divisible by n_heads=8"):
         ModelArgs(dim=60, n_heads=8)
+
+
+def test_new_fields_survive_to_dict_and_from_dict():
+    args = ModelArgs(
+        dim=64, n_heads=4, head_size=24, tie_word_embeddings=True, eos_token_id=[2, 5], bos_token_id=1,
+        rope_scaling={"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 32},
+    )  # fmt: skip
+    again = ModelArgs.from_dict(json.loads(json.dumps(args.to_dict())))
+    assert again == args and again.rope_scaling is not args.rope_scaling
