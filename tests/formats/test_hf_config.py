@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", minversion="5.0")  # rope_parameters, cache=
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
@@ -104,7 +104,7 @@ def greedy_hf(path: Path, prompt: torch.Tensor, steps: int) -> torch.Tensor:
         for _ in range(steps):
             nxt = step.logits[:, -1].argmax(-1, keepdim=True)
             out = torch.cat([out, nxt], dim=1)
-            step = hf(nxt, past_key_values=step.past_key_values, use_cache=True)
+            step = hf(nxt, cache=step.cache, use_cache=True)
     return out
 
 
