@@ -91,3 +91,12 @@ def test_new_fields_survive_to_dict_and_from_dict():
     )  # fmt: skip
     again = ModelArgs.from_dict(json.loads(json.dumps(args.to_dict())))
     assert again == args and again.rope_scaling is not args.rope_scaling
+
+
+def test_llama32_meta_params_take_hf_factor_from_an_extra_config(tmp_path):
+    """Meta's params.json cannot say factor 32 (Llama 3.2 1B/3B): a later config replaces Meta's constants."""
+    (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_heads": 4, "use_scaled_rope": True}))
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}  # fmt: skip
+    (tmp_path / "rope.json").write_text(json.dumps({"use_scaled_rope": False, "rope_scaling": scaling}))
+    assert ModelArgs.from_json(tmp_path / "params.json", tmp_path / "rope.json").rope_scaling_params == scaling
