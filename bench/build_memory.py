@@ -36,6 +36,7 @@ from harness import (
     Clock,
     Session,
     child_floor,
+    cli_args,
     emit,
     fmt_gib,
     hf_from_pretrained_kwargs,
@@ -370,7 +371,7 @@ def main() -> int:
         flush=True,
     )
     ckpt, write_record = session.synthetic_checkpoint(opts.shape, ckpt, opts.seed)
-    child_args = ["--shape", opts.shape, "--ckpt-dir", str(ckpt), "--quant", opts.quant]
+    child_args = cli_args(shape=opts.shape, ckpt_dir=ckpt, quant=opts.quant)
     # the multimodal build: the lazy child adds this backbone (random weights, built real)
     env = {"LAZYLLAMA_BENCH_VISUAL": opts.visual} if opts.visual else None
 
@@ -395,8 +396,7 @@ def main() -> int:
                 continue
             if flow != "floor" and not opts.no_warm:
                 warm_page_cache(ckpt)
-            trace = ["--trace"] if opts.trace and flow == "lazy" else []
-            rec = session.spawn(flow, child_args + trace, tag, env=env)
+            rec = session.spawn(flow, child_args + cli_args(trace=opts.trace and flow == "lazy"), tag, env=env)
             records.append(rec)
             if rec["status"] == "ok":
                 continue

@@ -447,7 +447,7 @@ class Session:
             return ckpt, None
         prepare_dir(ckpt)
         print(f"checkpoint: writing {2 * n_params(preset(shape)) / 1e9:.2f} GB of bf16 to {ckpt} ...", flush=True)
-        rec = self.spawn("write", ["--shape", shape, "--ckpt-dir", str(ckpt), "--seed", str(seed)], script=__file__)
+        rec = self.spawn("write", cli_args(shape=shape, ckpt_dir=ckpt, seed=seed), script=__file__)
         if rec["status"] != "ok":
             raise SystemExit(f"checkpoint write failed: {rec.get('error')}")
         print(f"checkpoint: {rec['files']} files, {rec['bytes'] / 1e9:.2f} GB in {rec['wall_s']:.1f} s", flush=True)
@@ -479,8 +479,16 @@ def median_range(values: list[float], fmt: str) -> str:
     return med if len(values) == 1 else f"{med} ({format(min(values), fmt)}-{format(max(values), fmt)})"
 
 
-def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+def cli_args(**options) -> list[str]:
+    """`--name value` for each option (underscores become dashes); True is a bare flag, None and False are left out."""
+    out: list[str] = []
+    for name, value in options.items():
+        if value is None or value is False:
+            continue
+        out.append("--" + name.replace("_", "-"))
+        if value is not True:
+            out.append(str(value))
+    return out
 
 
 def machine_info() -> dict:

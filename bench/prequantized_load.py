@@ -34,6 +34,7 @@ from harness import (
     Clock,
     Session,
     child_floor,
+    cli_args,
     drop_page_cache,
     emit,
     fmt_gib,
@@ -233,7 +234,7 @@ def main() -> int:
     args = preset(opts.shape)
     session = Session(f"prequant-{opts.shape}-{opts.quant}", __file__, opts.results_dir)
     session.synthetic_checkpoint(opts.shape, src)
-    child_args = ["--shape", opts.shape, "--src", opts.src, "--out", opts.out, "--quant", opts.quant]
+    child_args = cli_args(shape=opts.shape, src=src, out=out, quant=opts.quant)
 
     prepared = None if opts.force_prepare else prequant_is_complete(out, src, opts.quant)
     if prepared:
