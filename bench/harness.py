@@ -413,8 +413,8 @@ class Session:
             sources_sha256=digest if digest == now_digest else f"{digest}->{now_digest} (edited)",
         )
         if record["status"] == "ok":
-            extra = f", wall {record['wall_s']:.1f} s" if "wall_s" in record else ""
-            extra += f", CPU {record['cpu_s']:.1f} s" if "cpu_s" in record else ""
+            times = [(k, record.get(f"{k.lower()}_s")) for k in ("wall", "CPU")]  # a stage's seconds, when one number
+            extra = "".join(f", {k} {v:.1f} s" for k, v in times if isinstance(v, (int, float)))
             print(f"[{tag}] peak RSS {fmt_gib(record['peak_rss'])} GiB{extra}", flush=True)
         else:
             print(f"[{tag}] {record['status']}: {record.get('error')}", flush=True)
