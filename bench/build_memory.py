@@ -288,6 +288,7 @@ def tabulate(records: list[dict], shape: str, quant: str) -> tuple[str, dict]:
                 notes.append(f"n={len(good)}")
             if not all(r.get("forward_ok") for r in good):
                 notes.append("FORWARD NOT FINITE")
+            notes += sorted({r["warning"] for r in good if r.get("warning")})
             if ref_logits and flow != "lazy" and good[0].get("logits_last"):
                 diff = max(abs(a - b) for a, b in zip(good[0]["logits_last"], ref_logits))
                 notes.append(

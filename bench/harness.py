@@ -412,6 +412,11 @@ class Session:
             process_s=time.perf_counter() - start,
             sources_sha256=digest if digest == now_digest else f"{digest}->{now_digest} (edited)",
         )
+        if record["status"] == "ok" and sampled_peak > record["peak_rss"] + (64 << 20):
+            # The parent saw more than the child's own peak: something reset the child's VmHWM (a library stage
+            # reporting its own peak), so its peak_rss understates the whole process's.
+            record["warning"] = f"peak_rss below the parent's sampled {fmt_gib(sampled_peak)} GiB: VmHWM was reset"
+            print(f"[{tag}] WARNING: {record['warning']}", flush=True)
         if record["status"] == "ok":
             times = [(k, record.get(f"{k.lower()}_s")) for k in ("wall", "CPU")]  # a stage's seconds, when one number
             extra = "".join(f", {k} {v:.1f} s" for k, v in times if isinstance(v, (int, float)))

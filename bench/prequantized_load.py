@@ -173,6 +173,7 @@ def tabulate(records: list[dict], prepared: dict, opts: argparse.Namespace) -> t
         "logits bitwise those of the full-precision build"
         if bitwise
         else "LOGITS DIFFER from the full-precision build",
+        *sorted({r["warning"] for r in loads if r.get("warning")}),
     ]
     lines.append(
         f"| floor | {fmt_gib(floor)} | 1.00 | - | `import torch, bitsandbytes` {fmt_gib(floor_rss)} GiB + "

@@ -55,6 +55,7 @@ def _time_steps(step, n_steps: int, device) -> dict:
     import torch
 
     step()
+    peak_before = hwm()  # the build's and the warm-up's
     reset_hwm()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -66,7 +67,14 @@ def _time_steps(step, n_steps: int, device) -> dict:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     peak_cuda = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return {"step_s": times, "loss": loss, "peak_rss_steps": hwm(), "peak_cuda_steps": peak_cuda}
+    steps = hwm()
+    return {
+        "step_s": times,
+        "loss": loss,
+        "peak_rss_steps": steps,
+        "peak_rss": max(peak_before, steps),
+        "peak_cuda_steps": peak_cuda,
+    }
 
 
 def child_ours(opts) -> dict:
