@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # the benches import the library from the working tree, not an installed copy
@@ -121,12 +122,16 @@ def fmt_gib(n: float) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def emit(flow: str, record: dict) -> None:
-    """Print the child's result line for Session.spawn; `peak_rss` defaults to the whole process's VmHWM."""
+def emit(flow: str, record: dict) -> NoReturn:
+    """Print the child's result line for Session.spawn and end the child; `peak_rss` defaults to the whole
+    process's VmHWM. The child ends without interpreter teardown: torch's and bitsandbytes' finalizers grow RSS
+    by ~130 MB, which is no part of any flow and would hide a reset VmHWM from the parent's sampled peak."""
     record = {"flow": flow, **record}
     record.setdefault("status", "ok")
     record.setdefault("peak_rss", hwm())
     print(RESULT_TAG + json.dumps(record), flush=True)
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def child_floor() -> dict:

@@ -24,6 +24,12 @@ elif mode == "grow":
     time.sleep(60)
 elif mode == "sleep":
     time.sleep(60)
+elif mode == "reset":  # a stage that resets VmHWM after a peak (what keep_peak_counter prevents in the builds)
+    held = b"x" * (300 << 20)
+    time.sleep(0.5)
+    del held
+    harness.reset_hwm()
+    harness.emit("reset", {{}})
 """
 
 
@@ -40,6 +46,13 @@ def test_a_child_record_comes_back_with_its_peak_and_logs(session, capsys):
     assert rec["peak_rss"] > 1 << 20 and rec["sources_sha256"] == harness.sources_digest()
     assert (session.log_dir / "ok.stdout").read_text().startswith(harness.RESULT_TAG)
     assert "[ok] peak RSS" in capsys.readouterr().out
+
+
+def test_a_child_whose_peak_counter_was_reset_is_flagged(session):
+    rec = session.spawn("reset", [])
+    assert rec["status"] == "ok" and rec["sampled_peak_rss"] > rec["peak_rss"] + (200 << 20)
+    assert "VmHWM was reset" in rec["warning"]
+    assert "warning" not in session.spawn("ok", ["7"])
 
 
 def test_a_failing_child_is_reported_with_its_exception(session):
