@@ -103,18 +103,18 @@ def child_lazy(ckpt: Path, quant: str, trace: bool) -> dict:
     keep_peak_counter()
     modules: list[dict] = []
     if trace:  # per module: RSS after it, and its own peak (the counter is read, then reset, around each module)
-        original = lazy_init._materialize_module
+        original = lazy_init._Filler.fill_one
         state = {"peak": 0}
 
-        def traced(module, mod_name, *a, **kw):
+        def traced(filler, plan):
             state["peak"] = max(state["peak"], hwm())
             reset_hwm()
-            original(module, mod_name, *a, **kw)
+            original(filler, plan)
             peak_in = hwm()
             state["peak"] = max(state["peak"], peak_in)
-            modules.append({"module": mod_name, "rss_after": rss(), "peak_in": peak_in})
+            modules.append({"module": plan.name, "rss_after": rss(), "peak_in": peak_in})
 
-        lazy_init._materialize_module = traced
+        lazy_init._Filler.fill_one = traced
 
     args = None
     visual = os.environ.get("LAZYLLAMA_BENCH_VISUAL")
