@@ -401,7 +401,7 @@ class Chat:
         min_new = min(max_new_tokens, max(1, max_seq_len // 4))  # the answer's budget may shrink to this first
         while True:
             if self.raw:
-                ids = self.tokenizer.encode(message, bos=True)
+                ids = self.tokenizer.encode(message, bos=self.tokenizer.add_bos)
             else:
                 ids, _ = self.format.encode(self.format.chat([*turns, (message, None)]), self.tokenizer)
             if len(ids) + min_new <= max_seq_len or not turns:

@@ -134,5 +134,8 @@ def test_chat_prompts_in_the_format_and_stops_on_its_end_ids(files):
     # decoding ends at any of the end ids (not yielded)
     free = generate(model, [ids], SamplingParams(max_new_tokens=6))[0]
     assert generate(model, [ids], SamplingParams(max_new_tokens=6), eos_id={free[2], -5})[0] == free[:2]
+    reply = chat.send("And 3+3?", SamplingParams(max_new_tokens=4))  # streams through stream_text with end ids
+    answer = "".join(reply)
+    assert chat.turns[-1] == ("And 3+3?", answer.strip()) and len(chat.turns) == 3
     assert Chat(model, Tokenizer(files["plain"])).stop == ("### Human:", "### Assistant:")
     assert Chat(model, Tokenizer(files["llama2"])).end_ids == (Tokenizer(files["llama2"]).eos_id,)
