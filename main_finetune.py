@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> FinetuneResult:
             log.info("max_words %d -> %d (the model's max_seq_len)", opts.max_words, max_words)
         dataset = InstructionDataset(load_data_config(opts.data_config), tokenizer.path, max_words=max_words,
                                      seed=opts.seed, strict=opts.strict_data, chat_format=opts.chat_format)  # fmt: skip
+        if info.is_main:
+            log.info("chat format: %s (tokenizer %s: %s)", dataset.format.name, tokenizer.kind, tokenizer.path)
         if dataset.has_images and not args.visual_backbone:
             raise ValueError(
                 "image_conversation data needs a model with a visual backbone: add a visual config (visual_backbone, "

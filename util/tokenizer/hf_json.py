@@ -16,8 +16,9 @@ class HFJsonBackend:
         from tokenizers import Tokenizer as RustTokenizer
 
         try:
-            spec = json.loads(path.read_text(encoding="utf-8"))
-            self.tk = RustTokenizer.from_str(json.dumps(spec))
+            text = path.read_text(encoding="utf-8")
+            spec = json.loads(text)
+            self.tk = RustTokenizer.from_str(text)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: not a Hugging Face tokenizer.json (not JSON: {e})") from None
         except Exception as e:  # the Rust side raises plain Exception for a malformed spec
