@@ -83,7 +83,8 @@ class ChatFormat:
 
     def end_ids(self, tokenizer) -> tuple[int, ...]:
         """The ids that end an answer: the tokenizer's (eos, generation_config.json's) and the format's."""
-        return tuple(dict.fromkeys([*tokenizer.end_ids, *(tokenizer.token_id(t) for t in self.end_tokens)]))
+        found = [tokenizer.token_id(t) for t in self.end_tokens]
+        return tuple(dict.fromkeys([*tokenizer.end_ids, *(i for i in found if i is not None)]))
 
     def check(self, tokenizer) -> None:
         missing = [t for t in self.required if tokenizer.token_id(t) is None]
