@@ -7,8 +7,11 @@
 - alpaca: a JSON list (or JSON lines) of {"instruction": str, "input": str (optional), "output": str}
 - conversation: a list of {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}, ...]}
 - image_conversation: a conversation with an image, {"image": "path.png", "conversations": [...]}; the path is
-  relative to the JSON file's directory (or absolute). The image is checked when the file is loaded and read per
-  item with the visual backbone's preprocessing (a model with visual_backbone); a batch stacks its images.
+  relative to the JSON file's directory (or absolute). The image is checked when the file is loaded (Pillow's
+  verify and a size limit: `max_image_pixels` in the source, default util.images.MAX_PIXELS) and read per item
+  with the visual backbone's preprocessing (a model with visual_backbone); a batch stacks its images. An image
+  that cannot be read is a bad record like any other: skipped and reported with its file, index and image path
+  (also when only decoding it fails, mid-epoch: that item then takes the next record).
 
 Prompts come from util.templates (the chat demo uses the same ones). Only response tokens are in the loss:
 labels are -100 elsewhere. Every record is validated when its file is loaded; a bad record (missing field,
@@ -41,7 +44,7 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 DATA_TYPES = ("alpaca", "conversation", "image_conversation")
-_SOURCE_KEYS = {"path", "type", "ratio"}
+_SOURCE_KEYS = {"path", "type", "ratio", "max_image_pixels"}
 _CONFIG_EXAMPLE = "sources:\n  - {path: data/alpaca_tiny.json, type: alpaca, ratio: 1.0}"
 _MAX_LISTED = 10
 
@@ -57,6 +60,7 @@ class DataSource:
     path: Path
     type: str  # one of DATA_TYPES
     ratio: float = 1.0  # records per epoch = round(ratio * valid records)
+    max_image_pixels: int | None = None  # image_conversation: larger pictures are bad records (None: the default)
 
 
 def load_data_config(path: str | Path) -> list[DataSource]:
@@ -86,6 +90,11 @@ def load_data_config(path: str | Path) -> list[DataSource]:
         ratio = entry.get("ratio", 1.0)
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
             raise DataError(f"{where}: ratio must be a number > 0, got {ratio!r}")
+        pixels = entry.get("max_image_pixels")
+        if pixels is not None and (entry["type"] != "image_conversation" or isinstance(pixels, bool)
+                                   or not isinstance(pixels, int) or pixels <= 0):  # fmt: skip
+            raise DataError(f"{where}: max_image_pixels must be an integer > 0 on an image_conversation source, "
+                            f"got {pixels!r} on a {entry['type']} source")  # fmt: skip
         raw = Path(entry["path"])
         candidates = [raw] if raw.is_absolute() else [cfg_path.parent / raw, Path.cwd() / raw]
         found = next((c for c in candidates if c.is_file()), None)
@@ -94,7 +103,7 @@ def load_data_config(path: str | Path) -> list[DataSource]:
                 f"{where}: data file {entry['path']!r} not found (looked for {', '.join(map(str, candidates))}); "
                 "fix the path in the config"
             )
-        sources.append(DataSource(found, entry["type"], float(ratio)))
+        sources.append(DataSource(found, entry["type"], float(ratio), pixels))
     return sources
 
 
@@ -172,22 +181,31 @@ _SEGMENTERS = {
 }
 
 
-def _image_path(rec: dict, source: Path) -> Path:
-    """The record's image file (relative paths against the JSON file's directory), checked to be readable."""
-    from PIL import Image, UnidentifiedImageError
+@dataclass(frozen=True)
+class ImageRecord:
+    """Where a record's image is, and where the record came from (to report it if the image fails later)."""
+
+    path: Path
+    source: Path
+    where: str  # the record's index in its file: "[3]" or "line 4"
+    max_pixels: int
+
+
+def _image_record(rec: dict, source: DataSource, where: str) -> ImageRecord:
+    """The record's image file (relative paths against the JSON file's directory), checked to be readable:
+    anything Pillow refuses, or a picture over the size limit, makes the record bad."""
+    from util.images import MAX_PIXELS, ImageError, open_image
 
     value = rec.get("image")
     if not isinstance(value, str) or not value.strip():
         raise ValueError('missing field "image" (an image file path)')
-    path = Path(value) if Path(value).is_absolute() else source.parent / value
-    if not path.is_file():
-        raise ValueError(f"image not found: {path}")
+    path = Path(value) if Path(value).is_absolute() else source.path.parent / value
+    max_pixels = source.max_image_pixels or MAX_PIXELS
     try:
-        with Image.open(path) as img:
-            img.verify()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
-    return path
+        open_image(path, max_pixels=max_pixels, decode=False)
+    except ImageError as e:
+        raise ValueError(f"image {e.path}: {e.reason}") from None
+    return ImageRecord(path, source.path, where, max_pixels)
 
 
 @dataclass
@@ -230,8 +248,8 @@ def read_source(source: DataSource, *, strict: bool = False) -> list[Segments]:
     return [segments for segments, _ in read_records(source, strict=strict)]
 
 
-def read_records(source: DataSource, *, strict: bool = False) -> list[tuple[Segments, Path | None]]:
-    """read_source with each record's image path (image_conversation; None for text-only types)."""
+def read_records(source: DataSource, *, strict: bool = False) -> list[tuple[Segments, ImageRecord | None]]:
+    """read_source with each record's image (image_conversation; None for text-only types)."""
     segmenter = _SEGMENTERS[source.type]
     records, problems = [], []
     for where, rec in _read_json_records(source.path):
@@ -239,7 +257,7 @@ def read_records(source: DataSource, *, strict: bool = False) -> list[tuple[Segm
             if isinstance(rec, _BadJson):
                 raise ValueError(rec.reason)
             segments = segmenter(rec)
-            image = _image_path(rec, source.path) if source.type == "image_conversation" else None
+            image = _image_record(rec, source, where) if source.type == "image_conversation" else None
             records.append((segments, image))
         except ValueError as e:
             problems.append(f"{where}: {e}")
@@ -307,7 +325,9 @@ class InstructionDataset(Dataset):
         self.max_words, self.train_on_prompt = max_words, train_on_prompt
         self._tokenizer: Tokenizer | None = None
         self.items: list[Segments] = []
-        self.images: list[Path | None] = []
+        self.images: list[ImageRecord | None] = []
+        self.strict = strict
+        self._unreadable: set[int] = set()  # items whose image failed to decode (in this process)
         self.preprocess = preprocess
         self.counts: dict[str, int] = {}
         kinds = {s.type == "image_conversation" for s in sources}
@@ -343,16 +363,35 @@ class InstructionDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        if self.images[i] is None:
+            return self._encode(i)
+        if self.preprocess is None:
+            raise DataError("image_conversation data needs the visual backbone's preprocessing: a visual model")
+        from util.images import ImageError, load_image
+
+        # An image that passed the check when the file was loaded can still fail to decode (truncated data):
+        # the record is skipped like any bad record, and this item takes the next one that reads.
+        for j in (k % len(self) for k in range(i, i + len(self))):
+            record = self.images[j]
+            if j in self._unreadable:
+                continue
+            try:
+                image = load_image(record.path, self.preprocess, max_pixels=record.max_pixels)
+            except ImageError as e:
+                problem = f"{record.source}: {record.where}: image {e.path}: {e.reason}"
+                if self.strict:
+                    raise DataError(f"{problem}. Fix it, or run without --strict_data to skip it") from None
+                log.warning("%s; skipped (item %d takes the next record)", problem, i)
+                self._unreadable.add(j)
+                continue
+            return (*self._encode(j), image)
+        raise DataError(f"none of the {len(self)} image_conversation items has an image that can be read")
+
+    def _encode(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, labels = encode_segments(
             self.items[i], self.tokenizer, self.max_words, train_on_prompt=self.train_on_prompt
         )
-        if self.images[i] is None:
-            return torch.tensor(tokens), torch.tensor(labels)
-        if self.preprocess is None:
-            raise DataError("image_conversation data needs the visual backbone's preprocessing: a visual model")
-        from util.images import load_image
-
-        return torch.tensor(tokens), torch.tensor(labels), load_image(self.images[i], self.preprocess)
+        return torch.tensor(tokens), torch.tensor(labels)
 
 
 def source_texts(sources: Sequence[DataSource]) -> list[str]:

@@ -74,7 +74,9 @@ def _pillow(path: Path, fn, *args):
     except Image.DecompressionBombError as e:
         raise ImageError(path, f"too large ({e}); scale the image down") from None
     except Exception as e:
-        raise ImageError(path, f"not a readable image ({type(e).__name__}: {e}); use a PNG, JPEG or WebP file") from None
+        raise ImageError(
+            path, f"not a readable image ({type(e).__name__}: {e}); use a PNG, JPEG or WebP file"
+        ) from None
 
 
 def load_image(path: str | Path, preprocess: ImagePreprocess, *, max_pixels: int = MAX_PIXELS) -> torch.Tensor:

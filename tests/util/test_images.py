@@ -188,14 +188,16 @@ def bad_images(root: Path) -> dict[str, tuple[Path, str]]:
     _huge_png(root / "bomb.png", 14000, 14000)  # over Pillow's own limit: DecompressionBombError
     _huge_png(root / "big.png", 9000, 9000)  # under Pillow's, over ours
     full = root / "full.jpg"
-    Image.fromarray(_noise((64, 64), 3, 10)).save(full)
-    (root / "truncated.jpg").write_bytes(full.read_bytes()[:300])
+    Image.fromarray(_noise((128, 128), 3, 10)).save(full)
+    (root / "cut.jpg").write_bytes(full.read_bytes()[:300])  # cut in the header
+    (root / "truncated.jpg").write_bytes(full.read_bytes()[:5000])  # cut in the pixel data: only decoding fails
     return {
         "text": (root / "text.png", "UnidentifiedImageError"),
         "bad_crc": (root / "bad_crc.png", "broken PNG file"),
         "bomb": (root / "bomb.png", "too large .*196000000 pixels"),
         "big": (root / "big.png", r"9000x9000 pixels is over the limit of 67108864 \(max_image_pixels\)"),
-        "truncated": (root / "truncated.jpg", "truncated"),
+        "cut": (root / "cut.jpg", "Truncated File Read"),
+        "truncated": (root / "truncated.jpg", "image file is truncated"),
         "missing": (root / "missing.png", "image not found"),
         "folder": (root, "image not found"),
     }
@@ -211,7 +213,8 @@ def test_every_unreadable_or_oversized_image_is_an_image_error_naming_the_file(t
     # the limit is an option: the 9000x9000 header passes a higher one (and then fails on its empty data)
     with pytest.raises(ImageError, match="not a readable image"):
         open_image(tmp_path / "bad" / "big.png", max_pixels=9000 * 9000)
-    assert open_image(tmp_path / "bad" / "full.jpg", max_pixels=64 * 64).size == (64, 64)
-    with pytest.raises(ImageError, match="64x64 pixels is over the limit of 4095"):
-        open_image(tmp_path / "bad" / "full.jpg", max_pixels=64 * 64 - 1)
+    assert open_image(tmp_path / "bad" / "full.jpg", max_pixels=128 * 128).size == (128, 128)
+    with pytest.raises(ImageError, match="128x128 pixels is over the limit of 16383"):
+        open_image(tmp_path / "bad" / "full.jpg", max_pixels=128 * 128 - 1)
+    assert open_image(tmp_path / "bad" / "truncated.jpg", decode=False) is None  # the check alone passes it
     assert isinstance(load_image(tmp_path / "bad" / "full.jpg", preprocess), torch.Tensor)
