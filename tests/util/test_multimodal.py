@@ -179,14 +179,20 @@ def test_greedy_generation_with_an_image_and_cache_equals_full_recompute(env, tm
             if "gate" in name:
                 p.data.fill_(0.5)
     model.eval()
-    image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    prompt = [1, 17, 42, 99, 7]
-    cached = generate(model, [prompt], SamplingParams(max_new_tokens=8), images=image)[0]
-    seq = list(prompt)
-    with torch.no_grad():
-        for _ in range(8):
-            seq.append(int(model(torch.tensor([seq]), images=image)[0, -1].argmax()))
-    assert cached == seq[len(prompt) :]
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    image = images[:1]
+    prompts = [[1, 17, 42, 99, 7], [1, 17, 42, 99, 7]]  # the same text, two images
+    passes = []
+    hook = model.visual.register_forward_hook(lambda module, args, out: passes.append(args[0].shape[0]))
+    cached = generate(model, prompts, SamplingParams(max_new_tokens=8), images=images)
+    hook.remove()
+    assert passes == [2]  # the image encoder ran once for the whole generation (both modes), not once a token
+    for row, prompt in enumerate(prompts):
+        seq = list(prompt)
+        with torch.no_grad():  # the reference: the whole sequence and its image through the model at every step
+            for _ in range(8):
+                seq.append(int(model(torch.tensor([seq]), images=images[row : row + 1])[0, -1].argmax()))
+        assert cached[row] == seq[len(prompt) :]
     with torch.no_grad():  # the image is read
         x = torch.tensor([prompt])
         assert not torch.allclose(model(x, images=image), model(x, images=torch.zeros_like(image) + 2))
