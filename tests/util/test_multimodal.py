@@ -23,7 +23,9 @@ from tests.model.test_visual import BACKBONES, _weights
 from tests.util.test_images import bad_images
 from util.build import build_model
 from util.data import DataError, InstructionDataset, collate, load_data_config
-from util.generate import SamplingParams, generate
+from util.generate import Chat, SamplingParams, generate
+from util.images import load_image
+from util.tokenizer import Tokenizer
 from util.train import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -214,11 +216,19 @@ def test_demo_prompt_with_an_image(env, tmp_path):
     Image.new("RGB", (50, 40), (10, 200, 30)).save(tmp_path / "pic.png")
     common = [
         "--tokenizer_path", str(env.tokenizer), "--pretrained_path", str(env.base), "--quant", "none", "--dtype",
-        "fp32", "--temperature", "0", "--max_new_tokens", "6", "--prompt", "What is this?",
+        "fp32", "--temperature", "0", "--repetition_penalty", "1", "--max_new_tokens", "6", "--prompt", "What is this?",
     ]  # fmt: skip
     done = _demo(*common, "--llama_config", str(config), "--image", str(tmp_path / "pic.png"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.endswith("\n") and "error" not in done.stderr.lower()
+    # the answer is the one the same model gives in-process for that picture (greedy, fp32: exactly)
+    model, _ = build_model(args, [env.base], dtype=torch.float32)
+    image = load_image(tmp_path / "pic.png", model.visual.preprocess).unsqueeze(0)
+    reply = Chat(model, Tokenizer(env.tokenizer)).send(
+        "What is this?", SamplingParams(max_new_tokens=6, temperature=0), images=image
+    )
+    expected = "".join(reply)
+    assert expected.strip() and done.stdout == expected + "\n", (done.stdout, expected)
     # a text-only model with --image: a clear message
     done = _demo(*common, "--image", str(tmp_path / "pic.png"))
     assert done.returncode == 2 and "text-only" in done.stderr and "--image" in done.stderr
