@@ -5,7 +5,8 @@ generated token (what decoding did before: the image went with every forward).
     python bench/visual_prefix_speed.py --backbone timm:vit_base_patch16_224 --new-tokens 64
 
 Both run greedy decoding with the KV cache from the same prompt and image (batch 1, fp32, CPU unless --device);
-the table gives the best of --repeat wall times and checks that both produce the same tokens.
+the table gives the best of --repeat wall times (and the same generation without an image, for scale) and checks
+that both produce the same tokens.
 """
 
 from __future__ import annotations
@@ -42,8 +43,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a shared machine)")
     opts = ap.parse_args()
     import torch
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
 
     from model.args import preset
     from util.build import build_model
@@ -69,8 +74,16 @@ def main() -> None:
     def recomputed():
         return per_token_encoding(model, prompt, images, opts.new_tokens)
 
+    def text_only():
+        return generate(model, [prompt], params)[0]
+
     rows = {}
-    for name, fn in (("prefix once (util.generate)", cached), ("prefix every step (before)", recomputed)):
+    runs = (
+        ("prefix once (util.generate)", cached),
+        ("prefix every step (before)", recomputed),
+        ("no image", text_only),
+    )
+    for name, fn in runs:
         out = fn()  # warm-up
         times = []
         for _ in range(opts.repeat):
@@ -82,8 +95,10 @@ def main() -> None:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         rows[name] = (min(times), out)
-    (t_once, once), (t_every, every) = rows.values()
-    print(f"{opts.backbone}, tiny LLM, {opts.new_tokens} new tokens, {opts.device}, best of {opts.repeat}")
+    (t_once, once), (t_every, every), _ = rows.values()
+    threads = torch.get_num_threads()
+    where = f"{opts.device} ({threads} threads)"
+    print(f"{opts.backbone}, tiny LLM, {opts.new_tokens} new tokens, {where}, best of {opts.repeat}")
     print("| decoding | wall s | tokens/s |\n|---|---|---|")
     for name, (t, _) in rows.items():
         print(f"| {name} | {t:.3f} | {opts.new_tokens / t:.1f} |")
