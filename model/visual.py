@@ -9,6 +9,7 @@ owns its init. Two ways into the LLM:
   the text in the LLM input;
 - "prefix": the projected pooled feature is added to the LLaMA-Adapter prompts (the multimodal
   LLaMA-Adapter), read through the adapter's zero-initialized gates: an untrained model ignores the image.
+The backbone comes with its library's own eval preprocessing (ImagePreprocess, applied by util/images.py).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -39,6 +39,9 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from util.templates import ALPACA_HEADER, ALPACA_HEADER_INPUT, CHAT_HEADER, alpaca_prompt, chat_segments
 from util.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from model.visual import ImagePreprocess
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +320,7 @@ class InstructionDataset(Dataset):
         strict: bool = False,
         train_on_prompt: bool = False,
         plain: bool = False,
-        preprocess: dict | None = None,
+        preprocess: ImagePreprocess | None = None,
     ) -> None:
         if max_words < 2:
             raise ValueError(f"max_words={max_words}: need at least 2 tokens per example")
