@@ -318,16 +318,15 @@ def image_of(path: Path | None, model):
 
 
 def read_image(path: str | Path):
-    """The multimodal hook's input: an RGB image, or a ValueError saying what is wrong with the file."""
-    from PIL import Image, UnidentifiedImageError
+    """The multimodal hook's input: an RGB image, or a ValueError saying what is wrong with the file (anything
+    Pillow refuses, or a picture too large: util.images.open_image)."""
+    from util.images import ImageError, open_image
 
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(
-            f"could not read the image {Path(path).name}: {e} (expected a PNG, JPEG or WebP file)"
-        ) from None
+    except ImageError as e:
+        raise ValueError(f"could not read the image {Path(path).name}: {e.reason}") from None
 
 
 def is_multimodal(model) -> bool:

@@ -7,8 +7,11 @@
 - alpaca: a JSON list (or JSON lines) of {"instruction": str, "input": str (optional), "output": str}
 - conversation: a list of {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}, ...]}
 - image_conversation: a conversation with an image, {"image": "path.png", "conversations": [...]}; the path is
-  relative to the JSON file's directory (or absolute). The image is checked when the file is loaded and read per
-  item with the visual backbone's preprocessing (a model with visual_backbone); a batch stacks its images.
+  relative to the JSON file's directory (or absolute). The image is checked when the file is loaded (Pillow's
+  verify and a size limit: `max_image_pixels` in the source, default util.images.MAX_PIXELS) and read per item
+  with the visual backbone's preprocessing (a model with visual_backbone); a batch stacks its images. An image
+  that cannot be read is a bad record like any other: skipped and reported with its file, index and image path
+  (also when only decoding it fails, mid-epoch: that item then takes the next record).
 
 Prompts come from util.templates' chat format, chosen from the tokenizer (the chat demo uses the same one): this
 project's template, Llama 2's [INST] or Llama 3's headers. Only response tokens are in the loss: labels are -100
@@ -29,7 +32,7 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -48,11 +51,14 @@ from util.templates import (
 )
 from util.tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    from model.visual import ImagePreprocess
+
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 DATA_TYPES = ("alpaca", "conversation", "image_conversation")
-_SOURCE_KEYS = {"path", "type", "ratio"}
+_SOURCE_KEYS = {"path", "type", "ratio", "max_image_pixels"}
 _CONFIG_EXAMPLE = "sources:\n  - {path: data/alpaca_tiny.json, type: alpaca, ratio: 1.0}"
 _MAX_LISTED = 10
 
@@ -66,6 +72,7 @@ class DataSource:
     path: Path
     type: str  # one of DATA_TYPES
     ratio: float = 1.0  # records per epoch = round(ratio * valid records)
+    max_image_pixels: int | None = None  # image_conversation: larger pictures are bad records (None: the default)
 
 
 def load_data_config(path: str | Path) -> list[DataSource]:
@@ -95,6 +102,11 @@ def load_data_config(path: str | Path) -> list[DataSource]:
         ratio = entry.get("ratio", 1.0)
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
             raise DataError(f"{where}: ratio must be a number > 0, got {ratio!r}")
+        pixels = entry.get("max_image_pixels")
+        if pixels is not None and (entry["type"] != "image_conversation" or isinstance(pixels, bool)
+                                   or not isinstance(pixels, int) or pixels <= 0):  # fmt: skip
+            raise DataError(f"{where}: max_image_pixels must be an integer > 0 on an image_conversation source, "
+                            f"got {pixels!r} on a {entry['type']} source")  # fmt: skip
         raw = Path(entry["path"])
         candidates = [raw] if raw.is_absolute() else [cfg_path.parent / raw, Path.cwd() / raw]
         found = next((c for c in candidates if c.is_file()), None)
@@ -103,7 +115,7 @@ def load_data_config(path: str | Path) -> list[DataSource]:
                 f"{where}: data file {entry['path']!r} not found (looked for {', '.join(map(str, candidates))}); "
                 "fix the path in the config"
             )
-        sources.append(DataSource(found, entry["type"], float(ratio)))
+        sources.append(DataSource(found, entry["type"], float(ratio), pixels))
     return sources
 
 
@@ -182,22 +194,31 @@ _SEGMENTERS = {
 }
 
 
-def _image_path(rec: dict, source: Path) -> Path:
-    """The record's image file (relative paths against the JSON file's directory), checked to be readable."""
-    from PIL import Image, UnidentifiedImageError
+@dataclass(frozen=True)
+class ImageRecord:
+    """Where a record's image is, and where the record came from (to report it if the image fails later)."""
+
+    path: Path
+    source: Path
+    where: str  # the record's index in its file: "[3]" or "line 4"
+    max_pixels: int
+
+
+def _image_record(rec: dict, source: DataSource, where: str) -> ImageRecord:
+    """The record's image file (relative paths against the JSON file's directory), checked to be readable:
+    anything Pillow refuses, or a picture over the size limit, makes the record bad."""
+    from util.images import MAX_PIXELS, ImageError, open_image
 
     value = rec.get("image")
     if not isinstance(value, str) or not value.strip():
         raise ValueError('missing field "image" (an image file path)')
-    path = Path(value) if Path(value).is_absolute() else source.parent / value
-    if not path.is_file():
-        raise ValueError(f"image not found: {path}")
+    path = Path(value) if Path(value).is_absolute() else source.path.parent / value
+    max_pixels = source.max_image_pixels or MAX_PIXELS
     try:
-        with Image.open(path) as img:
-            img.verify()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
-    return path
+        open_image(path, max_pixels=max_pixels, decode=False)
+    except ImageError as e:
+        raise ValueError(f"image {e.path}: {e.reason}") from None
+    return ImageRecord(path, source.path, where, max_pixels)
 
 
 @dataclass
@@ -242,8 +263,8 @@ def read_source(source: DataSource, *, strict: bool = False, fmt: ChatFormat = D
 
 def read_records(
     source: DataSource, *, strict: bool = False, fmt: ChatFormat = DEFAULT_FORMAT
-) -> list[tuple[Segments, Path | None]]:
-    """read_source with each record's image path (image_conversation; None for text-only types)."""
+) -> list[tuple[Segments, ImageRecord | None]]:
+    """read_source with each record's image (image_conversation; None for text-only types)."""
     segmenter = _SEGMENTERS[source.type]
     records, problems = [], []
     for where, rec in _read_json_records(source.path):
@@ -251,7 +272,7 @@ def read_records(
             if isinstance(rec, _BadJson):
                 raise ValueError(rec.reason)
             segments = segmenter(rec, fmt)
-            image = _image_path(rec, source.path) if source.type == "image_conversation" else None
+            image = _image_record(rec, source, where) if source.type == "image_conversation" else None
             records.append((segments, image))
         except ValueError as e:
             problems.append(f"{where}: {e}")
@@ -313,7 +334,7 @@ class InstructionDataset(Dataset):
         strict: bool = False,
         train_on_prompt: bool = False,
         plain: bool = False,
-        preprocess: dict | None = None,
+        preprocess: ImagePreprocess | None = None,
         chat_format: str = "auto",
     ) -> None:
         if max_words < 2:
@@ -324,7 +345,9 @@ class InstructionDataset(Dataset):
         # fails now (missing or bad tokenizer, a chat template of another format), not in a DataLoader worker
         self.format = DEFAULT_FORMAT if plain else chat_format_for(self.tokenizer, chat_format)
         self.items: list[Segments] = []
-        self.images: list[Path | None] = []
+        self.images: list[ImageRecord | None] = []
+        self.strict = strict
+        self._unreadable: set[int] = set()  # items whose image failed to decode (in this process)
         self.preprocess = preprocess
         self.counts: dict[str, int] = {}
         kinds = {s.type == "image_conversation" for s in sources}
@@ -359,16 +382,35 @@ class InstructionDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        if self.images[i] is None:
+            return self._encode(i)
+        if self.preprocess is None:
+            raise DataError("image_conversation data needs the visual backbone's preprocessing: a visual model")
+        from util.images import ImageError, load_image
+
+        # An image that passed the check when the file was loaded can still fail to decode (truncated data):
+        # the record is skipped like any bad record, and this item takes the next one that reads.
+        for j in (k % len(self) for k in range(i, i + len(self))):
+            record = self.images[j]
+            if j in self._unreadable:
+                continue
+            try:
+                image = load_image(record.path, self.preprocess, max_pixels=record.max_pixels)
+            except ImageError as e:
+                problem = f"{record.source}: {record.where}: image {e.path}: {e.reason}"
+                if self.strict:
+                    raise DataError(f"{problem}. Fix it, or run without --strict_data to skip it") from None
+                log.warning("%s; skipped (item %d takes the next record)", problem, i)
+                self._unreadable.add(j)
+                continue
+            return (*self._encode(j), image)
+        raise DataError(f"none of the {len(self)} image_conversation items has an image that can be read")
+
+    def _encode(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, labels = encode_segments(
             self.items[i], self.tokenizer, self.max_words, train_on_prompt=self.train_on_prompt, fmt=self.format
         )
-        if self.images[i] is None:
-            return torch.tensor(tokens), torch.tensor(labels)
-        if self.preprocess is None:
-            raise DataError("image_conversation data needs the visual backbone's preprocessing: a visual model")
-        from util.images import load_image
-
-        return torch.tensor(tokens), torch.tensor(labels), load_image(self.images[i], self.preprocess)
+        return torch.tensor(tokens), torch.tensor(labels)
 
 
 def source_texts(sources: Sequence[DataSource]) -> list[str]:

@@ -128,12 +128,13 @@ def decode(
     prefix: the LLaMA-Adapter prefix (multimodal), passed to every forward.
     images: [batch, 3, S, S] (or one [3, S, S] for every prompt), preprocessed for the model's visual backbone
     (util.images.load_image). "tokens" mode: the image goes before the text with the prompt's forward, and the
-    decoding steps continue after its positions; "prefix" mode: the image goes with every forward.
+    decoding steps continue after its positions; "prefix" mode: the image is encoded once, before the prompt's
+    forward, and its prefix goes with every forward (the same values the model would compute from the image).
     Every prompt must fit: image positions + len(prompt) + max_new_tokens <= max_seq_len (see fit_prompt).
     """
     lengths = [len(p) for p in prompts]
     end_ids = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
-    offset, step_images = 0, None
+    offset = 0
     if images is not None:
         if getattr(model, "visual", None) is None:
             raise ValueError("images given to a text-only model: set visual_backbone in the config")
@@ -142,7 +143,12 @@ def decode(
         if images.shape[0] != len(prompts):
             raise ValueError(f"{images.shape[0]} image(s) for {len(prompts)} prompt(s): give one per prompt")
         offset = model.image_positions()
-        step_images = images if model.visual.mode == "prefix" else None
+        if model.visual.mode == "prefix":
+            # The prefix depends on the image alone: computed once and reused by every step, like the KV cache,
+            # instead of one image-encoder pass per generated token. The same call and dtype as the model's
+            # forward makes it, so the logits are those of a forward given the image.
+            visual = model.visual(images, dtype=model.tok_embeddings.weight.dtype)
+            prefix, images = (visual if prefix is None else prefix + visual), None
     max_seq_len = model.args.max_seq_len - offset
     if not prompts or min(lengths) == 0:
         raise ValueError("every prompt needs at least one token (e.g. the tokenizer's BOS)")
@@ -193,7 +199,7 @@ def decode(
             yield step
         if all(done):
             return
-        logits = model(tokens[:, pos : pos + 1], start_pos=pos + offset, prefix=prefix, images=step_images)[:, -1]
+        logits = model(tokens[:, pos : pos + 1], start_pos=pos + offset, prefix=prefix)[:, -1]
 
 
 def generate(
