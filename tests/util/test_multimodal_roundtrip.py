@@ -84,7 +84,7 @@ def test_demo_answers_about_the_picture_and_refuses_bad_ones_in_one_line(finetun
         assert done.stdout.strip() == ANSWERS[i], (done.stdout, done.stderr)
     reasons = {"text": "cannot identify image file", "bad_crc": "broken PNG file", "bomb": "too large",
                "big": "9000x9000 pixels is over the limit", "truncated": "image file is truncated",
-               "missing": "image not found"}  # fmt: skip
+               "missing": "not found"}  # fmt: skip
     for name, (path, _) in bad_images(tmp_path / "bad").items():
         if name not in reasons:
             continue
