@@ -51,6 +51,9 @@ def build_model(
                 args = ModelArgs.from_dict(config, source=source, base=args)
         if args.vocab_size == -1 and readers and "tok_embeddings.weight" in readers[0].keys():
             args = args.with_vocab_size(readers[0].shape("tok_embeddings.weight")[0], source=str(readers[0].path))
+        for reader in readers:  # deltas that need the base's shape to be read (a peft adapter's q/k rows)
+            if callable(getattr(reader, "bind_base", None)):
+                reader.bind_base(args)
 
         # 1. build on meta: no storage, no init work (a visual backbone is built for real inside, and gets
         #    its own weights from its file now)

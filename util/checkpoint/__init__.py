@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from util.checkpoint import hf, lazyllama, meta
+from util.checkpoint import accessory, hf, hf_bnb, lazyllama, meta, peft
 from util.checkpoint.errors import CheckpointError
 from util.checkpoint.hf import hf_config_to_params, write_hf_checkpoint
 from util.checkpoint.lazyllama import save_checkpoint
@@ -58,7 +58,10 @@ FORMATS: dict[str, CheckpointFormat] = {
     f.name: f
     for f in (
         lazyllama.FORMAT,
+        accessory.FORMAT,
         meta.FORMAT,
+        peft.FORMAT,
+        hf_bnb.FORMAT,
         hf.FORMAT,
     )
 }
