@@ -201,7 +201,7 @@ class HFBnbReader(CheckpointReader):
                     f"for {key} cannot be put back without re-quantizing the codes; load the full-precision "
                     "checkpoint and quantize it while building (build_model(..., quant=...))"
                 )
-            what = f"{self._inner.file_of(name)}: {name!r}"
+            what = f"{self._inner.file_of(key)}: {name!r}"
             raw["packed"] = self._rows(raw["packed"], heads, rows, what)
             order = hf_unpermute_qk(torch.arange(rows * cols // bs).reshape(rows, -1), heads).reshape(-1)
             groups = torch.arange(order.numel()) // NESTED_BLOCKSIZE
@@ -248,12 +248,12 @@ class HFBnbReader(CheckpointReader):
         rows, cols = raw["CB"].shape
         if raw["CB"].dtype != torch.int8 or tuple(raw["SCB"].shape) != (rows,):
             raise CheckpointError(
-                f"{self._inner.file_of(name)}: {name!r} is {raw['CB'].dtype} {list(raw['CB'].shape)} with SCB "
+                f"{self._inner.file_of(key)}: {name!r} is {raw['CB'].dtype} {list(raw['CB'].shape)} with SCB "
                 f"{list(raw['SCB'].shape)}; expected int8 [out, in] and [out]"
             )
         heads = self._qk_heads(key)
         if heads is not None:
-            what = f"{self._inner.file_of(name)}: {name!r}"
+            what = f"{self._inner.file_of(key)}: {name!r}"
             raw = {n: self._rows(p, heads, rows, what) for n, p in raw.items()}
         for n, p in raw.items():
             self._virtual[f"{key}.{n}"] = p
