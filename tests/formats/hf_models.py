@@ -1,0 +1,47 @@
+"""Test helper: tiny Hugging Face Llama models written by transformers itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+ROPE_THETA = 500000.0
+
+
+def save_hf_llama(out: Path, *, seed: int = 0, **config) -> torch.nn.Module:
+    """A random LlamaForCausalLM (grouped-query attention, rope theta 5e5) saved with save_pretrained; returns it.
+
+    transformers 5 writes the theta inside `rope_parameters`; the top-level `rope_theta` (transformers 4's layout,
+    same value) is added so the file reads the same under either layout.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = (
+        dict(
+            hidden_size=64,
+            intermediate_size=192,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+            max_position_embeddings=128,
+            rope_theta=ROPE_THETA,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+        )
+        | config
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    with torch.no_grad():  # norms away from 1, so a loader that dropped them would be caught
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(out)
+    path = out / "config.json"
+    saved = json.loads(path.read_text())
+    saved["rope_theta"] = saved.get("rope_parameters", {}).get("rope_theta", cfg["rope_theta"])
+    path.write_text(json.dumps(saved, indent=2))
+    return model
