@@ -40,8 +40,13 @@ def save_hf_llama(out: Path, *, seed: int = 0, **config) -> torch.nn.Module:
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(out)
+    add_legacy_rope_theta(out)
+    return model
+
+
+def add_legacy_rope_theta(out: Path) -> None:
+    """Add transformers 4's top-level `rope_theta` (the value transformers 5 keeps in `rope_parameters`)."""
     path = out / "config.json"
     saved = json.loads(path.read_text())
-    saved["rope_theta"] = saved.get("rope_parameters", {}).get("rope_theta", cfg["rope_theta"])
+    saved["rope_theta"] = saved["rope_parameters"]["rope_theta"] if "rope_parameters" in saved else saved["rope_theta"]
     path.write_text(json.dumps(saved, indent=2))
-    return model

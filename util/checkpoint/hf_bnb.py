@@ -209,8 +209,9 @@ class HFBnbReader(CheckpointReader):
                 raw["absmax"] = self._rows(raw["absmax"], heads, rows, what)
             else:
                 self.info["renested"].append(key)
+                stored = dict(raw)  # the pieces as saved: the new ones are computed from them
                 for n in ("absmax", "nested_absmax", "nested_quant_map", "nested_offset"):
-                    raw[n] = self._renested_piece(key, n, raw, order)
+                    raw[n] = self._renested_piece(key, n, stored, order)
         for n in names:
             self._virtual[f"{key}.{n}"] = raw[n]
         settings = {"bits": 4, "quant_type": qs["quant_type"], "blocksize": bs, "compress_statistics": nested}
