@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 ROPE_THETA = 500000.0
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def save_hf_llama(out: Path, *, seed: int = 0, **config) -> torch.nn.Module:
@@ -50,3 +51,19 @@ def add_legacy_rope_theta(out: Path) -> None:
     saved = json.loads(path.read_text())
     saved["rope_theta"] = saved["rope_parameters"]["rope_theta"] if "rope_parameters" in saved else saved["rope_theta"]
     path.write_text(json.dumps(saved, indent=2))
+
+
+def make_adapter(base_dir: Path, out: Path, *, seed: int = 1, targets=ALL, **lora):
+    """A peft LoRA (r=8, alpha=16) on the base with non-zero random A and B, saved; returns the PeftModel."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=list(targets), **lora))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    model.save_pretrained(out)
+    return model.eval()

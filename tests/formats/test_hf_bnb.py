@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.formats.hf_models import add_legacy_rope_theta, save_hf_llama
+from tests.formats.hf_models import add_legacy_rope_theta, make_adapter, save_hf_llama
 from util.build import build_model
 from util.checkpoint import CheckpointError, hf_unpermute_qk, open_checkpoint
 from util.quant import QuantLinear
@@ -188,3 +188,15 @@ def test_other_quantization_methods_are_refused_by_name(saves, tmp_path) -> None
     (d / "model.safetensors").write_bytes((saves["base"] / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match=r"config\.json.*quant_method='gptq'"):
         open_checkpoint(d)
+
+
+def test_a_peft_adapter_over_the_4bit_save_gives_peft_logits_over_transformers_4bit_model(saves, tmp_path) -> None:
+    from peft import PeftModel
+
+    make_adapter(saves["base"], tmp_path / "adapter")
+    reference = PeftModel.from_pretrained(load_quantized_hf(saves["nf4"], torch.float32), tmp_path / "adapter").train()
+    model, report = build_model(None, [saves["nf4"], tmp_path / "adapter"], quant="4bit", dtype=torch.float32)
+    assert (report.prequantized, report.quantized) == (14, 0) and model.args.lora_rank == 8
+    with torch.no_grad():
+        got, expected = model(TOKENS), reference(TOKENS).logits
+    assert (got - expected).abs().max() <= 1e-5, (got - expected).abs().max()

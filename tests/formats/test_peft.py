@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.formats.hf_models import save_hf_llama
+from tests.formats.hf_models import make_adapter, save_hf_llama
 from util.build import build_model
 from util.checkpoint import CheckpointError, open_checkpoint
 
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TOKENS = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(0))
 
 
@@ -23,22 +22,6 @@ def hf_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("base")
     save_hf_llama(d)
     return d
-
-
-def make_adapter(base_dir: Path, out: Path, *, seed: int = 1, targets=ALL, **lora):
-    """A peft LoRA (r=8, alpha=16) on the base with non-zero random A and B, saved; returns the PeftModel."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
-
-    base = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=list(targets), **lora))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    model.save_pretrained(out)
-    return model.eval()
 
 
 @pytest.mark.parametrize("rslora", [False, True], ids=["alpha_over_r", "rslora"])

@@ -87,6 +87,7 @@ class HFBnbReader(CheckpointReader):
         self._virtual: dict[str, Piece] = {}  # our packed key -> how to get it
         self._hidden: set[str] = set()  # inner keys the packed weights consume
         self._renested: dict[str, dict[str, torch.Tensor]] = {}
+        self._keys: set[str] | None = None
         if qcfg.get("load_in_4bit") and qcfg.get("bnb_4bit_quant_storage", "uint8") != "uint8":
             raise CheckpointError(
                 f"{path / 'config.json'}: bnb_4bit_quant_storage={qcfg['bnb_4bit_quant_storage']!r}; only uint8 "
@@ -264,7 +265,10 @@ class HFBnbReader(CheckpointReader):
     # --- CheckpointReader: packed keys here, every other key from the plain reader
 
     def keys(self) -> set[str]:
-        return (self._inner.keys() - self._hidden - {k.rsplit(".", 1)[0] for k in self._virtual}) | set(self._virtual)
+        if self._keys is None:  # asked on every read: computed once, after __init__ has found the packed weights
+            replaced = {k.rsplit(".", 1)[0] for k in self._virtual}
+            self._keys = (self._inner.keys() - self._hidden - replaced) | set(self._virtual)
+        return set(self._keys)
 
     def _make_layout(self, key: str, shard_dim: int | None) -> Layout:
         return merge_layout(key, None, [self._virtual[key]])
