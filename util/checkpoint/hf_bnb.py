@@ -210,6 +210,12 @@ class HFBnbReader(CheckpointReader):
                 raw["absmax"] = self._rows(raw["absmax"], heads, rows, what)
             else:
                 self.info["renested"].append(key)
+                log.info(
+                    "%s: %s: un-permuting its rows moves absmax between double-quantization groups; "
+                    "its block scales are double-quantized again (codes unchanged)",
+                    self.path,
+                    key,
+                )
                 stored = dict(raw)  # the pieces as saved: the new ones are computed from them
                 for n in ("absmax", "nested_absmax", "nested_quant_map", "nested_offset"):
                     raw[n] = self._renested_piece(key, n, stored, order)
