@@ -60,6 +60,7 @@ def test_an_adapter_on_some_projections_gets_lora_on_those_only(hf_base, tmp_pat
         ({"layers_to_transform": [0]}, "layers_to_transform"),
         ({"target_modules": ["q_proj", "lm_head"]}, "lm_head"),
         ({"peft_type": "IA3"}, "peft_type"),
+        ({"init_lora_weights": "pissa"}, "init_lora_weights"),
     ],
 )
 def test_an_adapter_config_field_that_is_not_implemented_is_an_error_naming_it(hf_base, tmp_path, change, field):

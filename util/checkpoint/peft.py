@@ -62,6 +62,13 @@ def _params(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
             f"{where}: bias={cfg['bias']!r} (the adapter trains the base's biases) is not supported; train with "
             "bias='none'"
         )
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq")):
+        raise CheckpointError(
+            f"{where}: init_lora_weights={init!r}: this initialization also changes the base model's weights, so the "
+            "adapter does not apply to the original base; convert it to a plain LoRA when saving (peft's "
+            "path_initial_model_for_weight_conversion) and load that"
+        )
     refused = sorted(k for k, v in cfg.items() if k not in _IGNORED and not _is_default(v))
     if refused:
         shown = ", ".join(f"{k}={cfg[k]!r}" for k in refused)
