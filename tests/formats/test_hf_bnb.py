@@ -200,3 +200,17 @@ def test_a_peft_adapter_over_the_4bit_save_gives_peft_logits_over_transformers_4
     with torch.no_grad():
         got, expected = model(TOKENS), reference(TOKENS).logits
     assert (got - expected).abs().max() <= 1e-5, (got - expected).abs().max()
+
+
+def test_an_fp4_save_without_double_quantization_loads_with_the_matching_spec(saves, tmp_path) -> None:
+    from util.quant import QuantSpec
+
+    fp4 = save_quantized_hf(saves["base"], tmp_path / "fp4", load_in_4bit=True, bnb_4bit_quant_type="fp4")
+    with pytest.raises(ValueError, match=r"plain absmax.*compress_statistics=False"):  # no named mode has it
+        build_model(None, [fp4], quant="4bit_fp4", dtype=torch.float32)
+    spec = QuantSpec("fp4_plain", 4, "fp4", compress_statistics=False)
+    model, report = build_model(None, [fp4], quant=spec, dtype=torch.float32)
+    assert (report.prequantized, report.quantized) == (14, 0)
+    with torch.no_grad():
+        got, expected = model(TOKENS), load_quantized_hf(fp4, torch.float32)(TOKENS).logits
+    assert (got - expected).abs().max() <= 1e-5, (got - expected).abs().max()  # measured 1.8e-7
