@@ -1,0 +1,149 @@
+"""A tokenizer as each export format stores it: the files a Hugging Face directory holds, and GGUF's vocabulary.
+
+One class per tokenizer backend behind `TokenizerExport`; `tokenizer_export(path)` picks it from the file. Today:
+sentencepiece (`tokenizer.model`). A Hugging Face tokenizer.json or Llama 3's tiktoken model plugs in as another
+subclass (HF: copy tokenizer.json + tokenizer_config.json; GGUF: tokenizer.ggml.model "gpt2" with its merges).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from util.checkpoint.files import write_json
+
+# GGUF's token types (llama.cpp's llama_token_type; gguf.TokenType has the same values)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+@dataclass
+class GGUFVocab:
+    """What GGUF's tokenizer.ggml.* keys hold."""
+
+    model: str  # tokenizer.ggml.model: "llama" (sentencepiece), "gpt2" (byte-level BPE)
+    tokens: list[str]
+    scores: list[float]
+    token_types: list[int]
+    special_ids: dict[str, int]  # "bos" / "eos" / "unk" / "pad" -> id
+    add_bos: bool = True
+    add_eos: bool = False
+    merges: list[str] = field(default_factory=list)  # byte-level BPE only
+
+
+class TokenizerExport:
+    """A tokenizer file, as the export formats want it."""
+
+    path: Path
+    bos_id: int | None
+    eos_id: int | None
+
+    def write_hf(self, out_dir: Path, *, max_seq_len: int) -> None:
+        """The tokenizer files of a Hugging Face model directory (AutoTokenizer.from_pretrained reads them)."""
+        raise NotImplementedError
+
+    def gguf_vocab(self, vocab_size: int) -> GGUFVocab:
+        """GGUF's vocabulary, padded to the model's `vocab_size` rows."""
+        raise NotImplementedError
+
+
+class SentencePieceExport(TokenizerExport):
+    """Meta's / Hugging Face's LLaMA sentencepiece `tokenizer.model`."""
+
+    def __init__(self, path: Path) -> None:
+        import sentencepiece as spm
+
+        self.path = path
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(path))
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{path}: not a sentencepiece model ({e})") from None
+        ids = (self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id(), self.sp.pad_id())
+        self.bos_id, self.eos_id, self.unk_id, self.pad_id = (i if i >= 0 else None for i in ids)
+
+    def _piece(self, i: int | None) -> str | None:
+        return None if i is None else self.sp.IdToPiece(i)
+
+    def write_hf(self, out_dir: Path, *, max_seq_len: int) -> None:
+        # transformers builds its fast tokenizer from tokenizer.model (the same conversion it applies to Meta's
+        # LLaMA tokenizers); the config says which class and which special tokens, and that sentences start
+        # with bos as our encode(bos=True) does.
+        shutil.copyfile(self.path, out_dir / "tokenizer.model")
+        special = {
+            name: piece
+            for name, piece in (
+                ("bos_token", self._piece(self.bos_id)),
+                ("eos_token", self._piece(self.eos_id)),
+                ("unk_token", self._piece(self.unk_id)),
+                ("pad_token", self._piece(self.pad_id)),
+            )
+            if piece is not None
+        }
+        config: dict[str, Any] = {
+            "tokenizer_class": "LlamaTokenizer",
+            **special,
+            "add_bos_token": self.bos_id is not None,
+            "add_eos_token": False,
+            "legacy": False,
+            "add_prefix_space": None,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": max_seq_len,
+            "sp_model_kwargs": {},
+        }
+        write_json(out_dir / "tokenizer_config.json", config)
+        write_json(out_dir / "special_tokens_map.json", special)
+
+    def gguf_vocab(self, vocab_size: int) -> GGUFVocab:
+        n = self.sp.GetPieceSize()
+        if n > vocab_size:
+            raise ValueError(f"{self.path}: {n} tokens, more than the model's vocab_size {vocab_size}")
+        tokens, scores, types = [], [], []
+        for i in range(n):
+            tokens.append(self.sp.IdToPiece(i))
+            scores.append(float(self.sp.GetScore(i)))
+            if self.sp.IsUnknown(i):
+                types.append(UNKNOWN)
+            elif self.sp.IsControl(i):
+                types.append(CONTROL)
+            elif self.sp.IsUnused(i):
+                types.append(UNUSED)
+            elif self.sp.IsByte(i):
+                types.append(BYTE)
+            else:
+                types.append(NORMAL)
+        # Embedding rows past the tokenizer (a vocabulary padded for efficiency) get placeholder tokens no text
+        # encodes to: llama.cpp requires one token per row.
+        for i in range(n, vocab_size):
+            tokens.append(f"[PAD{i}]")
+            scores.append(-1000.0)
+            types.append(UNUSED)
+        special = {"bos": self.bos_id, "eos": self.eos_id, "unk": self.unk_id, "pad": self.pad_id}
+        return GGUFVocab(
+            model="llama",
+            tokens=tokens,
+            scores=scores,
+            token_types=types,
+            special_ids={k: v for k, v in special.items() if v is not None},
+            add_bos=self.bos_id is not None,
+        )
+
+
+def tokenizer_export(path: str | Path) -> TokenizerExport:
+    """The export view of a tokenizer file (or a directory holding tokenizer.model)."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "tokenizer.model").is_file():
+            # TODO(tokenizers): tokenizer.json (Hugging Face) and Llama 3's tiktoken model, once util/tokenizer.py
+            # reads them: a subclass each (copy the files for HF; GGUF "gpt2" vocabulary with merges).
+            raise ValueError(
+                f"{p}: no tokenizer.model in this directory; exporting supports sentencepiece tokenizer.model "
+                "files today (pass --tokenizer_path path/to/tokenizer.model)"
+            )
+        p = p / "tokenizer.model"
+    if not p.is_file():
+        raise FileNotFoundError(f"tokenizer not found: {p} (pass --tokenizer_path path/to/tokenizer.model)")
+    if p.name == "tokenizer.json" or p.suffix in (".json", ".tiktoken"):
+        raise ValueError(f"{p}: exporting this tokenizer type is not supported yet; only sentencepiece .model files")
+    return SentencePieceExport(p)
