@@ -30,15 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--to", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="output directory (replaced in one rename when complete)")
     p.add_argument("--tokenizer_path", default=None)
-    p.add_argument("--quant", default=None, help="hf: 4bit; gguf: f32 f16 bf16 q8_0 q4_0; lazyllama: 4bit 4bit_fp4 8bit")
+    p.add_argument("--quant", default=None, help="hf: 4bit; gguf: f16 bf16 q8_0 q4_0; lazyllama: 4bit 8bit")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="precision of the written weights")
     p.add_argument("--shards", type=int, default=1, help="--to meta: number of model-parallel files")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        out = convert(
-            a.sources, to=a.to, out=a.out, tokenizer_path=a.tokenizer_path, quant=a.quant, dtype=a.dtype, shards=a.shards
-        )
+        kw = {"tokenizer_path": a.tokenizer_path, "quant": a.quant, "dtype": a.dtype, "shards": a.shards}
+        out = convert(a.sources, to=a.to, out=a.out, **kw)
     except (ValueError, FileNotFoundError, OSError) as e:  # CheckpointError is a ValueError
         print(f"convert: {e}", file=sys.stderr)
         return 2
