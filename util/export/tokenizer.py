@@ -63,13 +63,29 @@ class SentencePieceExport(TokenizerExport):
         ids = (self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id(), self.sp.pad_id())
         self.bos_id, self.eos_id, self.unk_id, self.pad_id = (i if i >= 0 else None for i in ids)
 
+    def check_plain_text(self) -> None:
+        """Refuse a model that normalizes text (sentencepiece's default nmt_nfkc: newlines to spaces, repeated spaces
+        collapsed): transformers' Llama tokenizer and llama.cpp apply no normalizer (Meta's tokenizers have none),
+        so they would give other ids. Tested by behaviour: such a model does not decode back what it encoded."""
+        probe = "a  b\nc\td"
+        if self.sp.DecodeIds(self.sp.EncodeAsIds(probe)) != probe:
+            raise ValueError(
+                f"{self.path}: this sentencepiece model normalizes text (it decodes {probe!r} as "
+                f"{self.sp.DecodeIds(self.sp.EncodeAsIds(probe))!r}); Hugging Face and llama.cpp would tokenize "
+                "differently. Use a tokenizer trained with normalization_rule_name='identity' and "
+                "remove_extra_whitespaces=False, as Meta's are"
+            )
+
     def _piece(self, i: int | None) -> str | None:
         return None if i is None else self.sp.IdToPiece(i)
 
     def write_hf(self, out_dir: Path, *, max_seq_len: int) -> None:
+        self.check_plain_text()
         # transformers builds its fast tokenizer from tokenizer.model (the same conversion it applies to Meta's
-        # LLaMA tokenizers); the config says which class and which special tokens, and that sentences start
-        # with bos as our encode(bos=True) does.
+        # LLaMA tokenizers); the config says which class and which special tokens, that sentences start with
+        # bos as our encode(bos=True) does, and that "<s>" in text is text (as sentencepiece encodes it). legacy:
+        # spaces become "▁" before pieces are matched, as sentencepiece does. One known difference remains,
+        # transformers' own: text that starts with a space gets no extra "▁" prefix there (sentencepiece adds it).
         shutil.copyfile(self.path, out_dir / "tokenizer.model")
         special = {
             name: piece
@@ -86,16 +102,18 @@ class SentencePieceExport(TokenizerExport):
             **special,
             "add_bos_token": self.bos_id is not None,
             "add_eos_token": False,
-            "legacy": False,
+            "legacy": True,
             "add_prefix_space": None,
             "clean_up_tokenization_spaces": False,
             "model_max_length": max_seq_len,
             "sp_model_kwargs": {},
+            "split_special_tokens": True,
         }
         write_json(out_dir / "tokenizer_config.json", config)
         write_json(out_dir / "special_tokens_map.json", special)
 
     def gguf_vocab(self, vocab_size: int) -> GGUFVocab:
+        self.check_plain_text()
         n = self.sp.GetPieceSize()
         if n > vocab_size:
             raise ValueError(f"{self.path}: {n} tokens, more than the model's vocab_size {vocab_size}")
