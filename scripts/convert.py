@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         kw = {"tokenizer_path": a.tokenizer_path, "quant": a.quant, "dtype": a.dtype, "shards": a.shards}
         out = convert(a.sources, to=a.to, out=a.out, **kw)
-    except (ValueError, FileNotFoundError, OSError) as e:  # CheckpointError is a ValueError
-        print(f"convert: {e}", file=sys.stderr)
+    except (ValueError, KeyError, OSError) as e:  # CheckpointError is a ValueError; a missing tensor a KeyError
+        print(f"convert: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
     print(out)
     return 0
