@@ -86,7 +86,8 @@ class SentencePieceExport(TokenizerExport):
         # bos as our encode(bos=True) does, and that "<s>" in text is text (as sentencepiece encodes it). legacy:
         # spaces become "▁" before pieces are matched, as sentencepiece does. One known difference remains,
         # transformers' own: text that starts with a space gets no extra "▁" prefix there (sentencepiece adds it).
-        shutil.copyfile(self.path, out_dir / "tokenizer.model")
+        if not (out_dir / "tokenizer.model").exists() or not (out_dir / "tokenizer.model").samefile(self.path):
+            shutil.copyfile(self.path, out_dir / "tokenizer.model")
         special = {
             name: piece
             for name, piece in (
