@@ -44,15 +44,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--repetition_penalty", type=float, default=1.1, help="1: off")
     s.add_argument("--seed", type=int, default=None)
     p.add_argument(
-        "--save_quantized", type=Path, default=None,
+        "--save_quantized",
+        type=Path,
+        default=None,
         help="after building, write the quantized model here (a later --pretrained_path DIR skips quantization)",
-    )  # fmt: skip
+    )
     u = p.add_argument_group("interface (default: chat in the terminal)")
     u.add_argument("--prompt", help="answer this one message on stdout and exit")
     u.add_argument(
-        "--image", type=Path, help="--prompt / terminal chat: an image (PNG, JPEG, WebP) the conversation is about "
+        "--image",
+        type=Path,
+        help="--prompt / terminal chat: an image (PNG, JPEG, WebP) the conversation is about "
         "(a model with a visual backbone)",
-    )  # fmt: skip
+    )
     u.add_argument("--web", action="store_true", help="serve a Gradio chat page")
     u.add_argument("--host", default="127.0.0.1", help="web: address to bind (0.0.0.0 exposes it to the network)")
     u.add_argument("--port", type=int, default=7860)
@@ -64,14 +68,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return opts
 
 
-def resolve_paths(opts: argparse.Namespace) -> str | None:
-    """Fill in the default model; returns what is missing and how to get it, or None when all is there."""
+def resolve_paths(opts: argparse.Namespace) -> argparse.Namespace:
+    """The default model filled in, checked before the heavy imports: a ValueError says what is missing and how to
+    get it."""
+    opts = argparse.Namespace(**vars(opts))
     if opts.llama_config is None and opts.tokenizer_path is None and opts.pretrained_path is None:
         opts.pretrained_path, opts.tokenizer_path = [DEFAULT_BASE, DEFAULT_DELTA], DEFAULT_TOKENIZER
         missing = [str(p) for p in (DEFAULT_BASE, DEFAULT_DELTA, DEFAULT_TOKENIZER) if not p.exists()]
         if missing:
-            return (
-                f"the default model is not there (missing: {', '.join(missing)} under {Path.cwd()}).\n"
+            raise ValueError(
+                f"the default model is not there (missing: {', '.join(missing)} under {Path.cwd()}). "
                 "Produce it with `make quickstart` or `python main_finetune.py` (the bundled fine-tuning default), "
                 "or point at a model: --llama_config params.json --tokenizer_path tokenizer.model "
                 "--pretrained_path CHECKPOINT"
@@ -79,54 +85,47 @@ def resolve_paths(opts: argparse.Namespace) -> str | None:
     if opts.tokenizer_path is None:  # Meta and HF checkpoints ship tokenizer.model next to the weights
         found = [p / "tokenizer.model" for p in opts.pretrained_path or [] if (p / "tokenizer.model").is_file()]
         if not found:
-            return "no tokenizer: pass --tokenizer_path tokenizer.model"
+            raise ValueError("no tokenizer: pass --tokenizer_path tokenizer.model")
         opts.tokenizer_path = found[0]
     if opts.llama_config is None and not opts.pretrained_path:
-        return "no model: pass --pretrained_path CHECKPOINT (and/or --llama_config params.json for its shape)"
-    missing = [str(p) for p in [*(opts.llama_config or []), opts.tokenizer_path, *(opts.pretrained_path or [])]]
-    missing = [p for p in missing if not Path(p).exists()]
+        raise ValueError(
+            "no model: pass --pretrained_path CHECKPOINT (and/or --llama_config params.json for its shape)"
+        )
+    paths = [*(opts.llama_config or []), opts.tokenizer_path, *(opts.pretrained_path or []), opts.image]
+    missing = [str(p) for p in paths if p is not None and not Path(p).exists()]
     if missing:
-        return f"not found: {', '.join(missing)}"
-    return None
+        raise FileNotFoundError(f"not found: {', '.join(missing)}")
+    if opts.image is not None:
+        if opts.web:
+            raise ValueError("--image is for --prompt and the terminal chat; the web page has its own image box")
+        read_image(opts.image)  # an unreadable image is reported before the model loads
+    return opts
 
 
-def load(opts: argparse.Namespace, log):
-    """Tokenizer, then build_model (meta -> quantize -> materialize and load); prints load time and memory."""
+def load(opts: argparse.Namespace, device: str, log):
+    """Tokenizer, the config (model_config's rule), then build_model (meta -> quantize -> materialize and load)
+    with each checkpoint opened once; prints load time and memory."""
     import torch
 
-    from model.args import ModelArgs
-    from util.build import build_model
+    from util.build import build_model, model_config, open_checkpoints
+    from util.cli import save_quantized_for_reuse
+    from util.quant import prepare_for_inference
     from util.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(opts.tokenizer_path)
-    args = None
-    if opts.llama_config:
-        args = ModelArgs.from_json(*opts.llama_config)
-        args = args.with_vocab_size(tokenizer.vocab_size, source=str(tokenizer.path))
     if not opts.pretrained_path:
         log("warning: no --pretrained_path, the weights are random")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[opts.dtype]
     quant = None if opts.quant == "none" else opts.quant
     t0 = time.perf_counter()
-    model, report = build_model(args, opts.pretrained_path, quant=quant, dtype=dtype, device=opts.device)
-    seconds = time.perf_counter() - t0
-    if model.args.vocab_size < tokenizer.vocab_size:
-        raise ValueError(
-            f"the model's vocab_size={model.args.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} "
-            f"({tokenizer.path}): pass the tokenizer these weights were trained with"
-        )
+    with open_checkpoints(opts.pretrained_path) as readers:
+        args = model_config(readers, opts.llama_config or [], tokenizer=tokenizer)
+        model, report = build_model(args, readers, quant=quant, dtype=dtype, device=device)
     paths = ", ".join(map(str, opts.pretrained_path or ["random init"]))
-    log(f"loaded {paths} in {seconds:.1f} s ({opts.quant}, {opts.dtype}, {opts.device})")
+    log(f"loaded {paths} in {time.perf_counter() - t0:.1f} s ({opts.quant}, {opts.dtype}, {device})")
     log(report.summary())
     if opts.save_quantized:
-        from util.checkpoint import save_quantized
-
-        save_quantized(model, opts.save_quantized)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()  # every rank's file is written before anyone reads the directory
-        log(f"saved the quantized model to {opts.save_quantized}: pass it as --pretrained_path to skip quantizing")
-    from util.quant import prepare_for_inference
-
+        save_quantized_for_reuse(model, opts.save_quantized, log)
     repacked = prepare_for_inference(model)  # eval mode; on AVX512-BF16 CPUs 4-bit layers use the fast kernel
     if repacked:
         log(f"{repacked} 4-bit layers repacked for CPU inference")
@@ -146,7 +145,7 @@ class Group:
 
             info = init_distributed(model_parallel_size)
             if info.world_size != model_parallel_size:
-                raise SystemExit(
+                raise ValueError(
                     f"demo.py serves one model: launch exactly --model_parallel_size={model_parallel_size} "
                     f"processes (torchrun --nproc_per_node {model_parallel_size}), not {info.world_size}"
                 )
@@ -168,9 +167,13 @@ def sampling(opts: argparse.Namespace):
     from util.generate import SamplingParams
 
     return SamplingParams(
-        max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k,
-        repetition_penalty=opts.repetition_penalty, seed=opts.seed,
-    )  # fmt: skip
+        max_new_tokens=opts.max_new_tokens,
+        temperature=opts.temperature,
+        top_p=opts.top_p,
+        top_k=opts.top_k,
+        repetition_penalty=opts.repetition_penalty,
+        seed=opts.seed,
+    )
 
 
 def answer(chat, request, images=None):
@@ -184,12 +187,7 @@ def answer(chat, request, images=None):
 
 
 def run_prompt(chat, group: Group, opts, log, images=None) -> int:
-    params = sampling(opts)
-    try:
-        reply = answer(chat, ([], opts.prompt, params), images)
-    except ValueError as e:
-        log(f"error: {e}")
-        return 2
+    reply = answer(chat, ([], opts.prompt, sampling(opts)), images)
     for note in reply.notes:
         log(f"warning: {note}")
     for delta in reply:
@@ -256,78 +254,54 @@ def run_follower(chat, group: Group) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    opts = parse_args(argv)
-    problem = resolve_paths(opts)  # before the heavy imports: a missing model is reported at once
-    if problem:
-        print(f"demo.py: {problem}", file=sys.stderr)
-        return 2
-    if opts.image is not None:
-        if opts.web:
-            print("demo.py: --image is for --prompt and the terminal chat; the web page has its own image box",
-                  file=sys.stderr)  # fmt: skip
-            return 2
-        try:
-            read_image(opts.image)  # an unreadable image is reported before the model loads
-        except ValueError as e:
-            print(f"demo.py: {e}", file=sys.stderr)
-            return 2
-
+    opts = resolve_paths(parse_args(argv))  # before the heavy imports: a missing model is reported at once
     import logging
 
     import torch
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    group = Group(opts.model_parallel_size)
-    if opts.device is None:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        opts.device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-
-    def log(msg: str) -> None:  # status lines go to stderr so that --prompt's stdout is only the answer
-        if group.is_main:
-            print(msg, file=sys.stderr, flush=True)
-
-    from util.dist import destroy_distributed
+    from util.cli import process_groups, setup_logging
     from util.generate import Chat
 
-    try:
-        try:  # bad configs, checkpoints, tokenizers and sampling values raise ValueError / OSError with the fix
-            model, tokenizer = load(opts, log)
-            if opts.max_new_tokens is None:
-                opts.max_new_tokens = min(128, model.args.max_seq_len // 4)
-            sampling(opts)
-        except (ValueError, OSError) as e:
-            log(f"demo.py: {e}")
-            return 2
-        images = None
-        if opts.image is not None:
-            if not is_multimodal(model):
-                log(
-                    f"demo.py: --image {opts.image}: this model is text-only (no visual_backbone in its config); "
-                    "use a multimodal model or drop --image"
-                )
-                return 2
-            from util.images import load_image
+    setup_logging(logging.WARNING)
+    with process_groups():
+        group = Group(opts.model_parallel_size)
+        device = opts.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
 
-            try:
-                images = load_image(opts.image, model.visual.preprocess).unsqueeze(0)
-            except (ValueError, OSError) as e:
-                log(f"demo.py: {e}")
-                return 2
+        def log(msg: str) -> None:  # status lines go to stderr so that --prompt's stdout is only the answer
+            if group.is_main:
+                print(msg, file=sys.stderr, flush=True)
+
+        model, tokenizer = load(opts, device, log)
+        if opts.max_new_tokens is None:
+            opts.max_new_tokens = min(128, model.args.max_seq_len // 4)
+        sampling(opts)  # bad sampling values are reported before the chat starts
+        images = image_of(opts.image, model)
         chat = Chat(model, tokenizer, raw=opts.raw)
         if opts.prompt is not None:
             return run_prompt(chat, group, opts, log, images)
-        if opts.web:
-            if not group.is_main:
-                return run_follower(chat, group)
-            try:
-                web(chat, group, opts, log)
-            finally:
-                group.share(None)  # the other ranks stop waiting
-            return 0
-        return run_terminal(chat, group, opts, log, images)
-    finally:
-        destroy_distributed()
+        if not opts.web:
+            return run_terminal(chat, group, opts, log, images)
+        if not group.is_main:
+            return run_follower(chat, group)
+        try:
+            web(chat, group, opts, log)
+        finally:
+            group.share(None)  # the other ranks stop waiting
+        return 0
+
+
+def image_of(path: Path | None, model):
+    """--image as the model's input batch of one, or None."""
+    if path is None:
+        return None
+    if not is_multimodal(model):
+        raise ValueError(
+            f"--image {path}: this model is text-only (no visual_backbone in its config); use a multimodal model "
+            "or drop --image"
+        )
+    from util.images import load_image
+
+    return load_image(path, model.visual.preprocess).unsqueeze(0)
 
 
 # --- the web page ---
@@ -380,9 +354,13 @@ def web(chat, group: Group, opts, log) -> None:
             images = load_image(image, model.visual.preprocess).unsqueeze(0)
         try:
             params = SamplingParams(
-                max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
-                top_k=int(top_k), repetition_penalty=float(repetition_penalty), seed=opts.seed,
-            )  # fmt: skip
+                max_new_tokens=int(max_new_tokens),
+                temperature=float(temperature),
+                top_p=float(top_p),
+                top_k=int(top_k),
+                repetition_penalty=float(repetition_penalty),
+                seed=opts.seed,
+            )
         except ValueError as e:
             yield history, message, str(e)
             return
@@ -410,9 +388,12 @@ def web(chat, group: Group, opts, log) -> None:
         chatbot = gr.Chatbot(elem_id="chatbot", height=380, label="Conversation")
         with gr.Row():
             box = gr.Textbox(
-                elem_id="message", placeholder="Type a message and press Enter", show_label=False, scale=8,
+                elem_id="message",
+                placeholder="Type a message and press Enter",
+                show_label=False,
+                scale=8,
                 autofocus=True,
-            )  # fmt: skip
+            )
             send = gr.Button("Send", variant="primary", elem_id="send", scale=1)
             clear = gr.Button("Clear", elem_id="clear", scale=1)
         # shown only for models that take images (a visual_backbone); read_image checks the file first
@@ -425,9 +406,12 @@ def web(chat, group: Group, opts, log) -> None:
                 top_k = gr.Slider(0, 200, value=opts.top_k, step=1, label="Top-k (0: all)")
             with gr.Row():
                 max_new = gr.Slider(
-                    1, max_seq_len - 1, value=min(opts.max_new_tokens, max_seq_len - 1), step=1,
+                    1,
+                    max_seq_len - 1,
+                    value=min(opts.max_new_tokens, max_seq_len - 1),
+                    step=1,
                     label="Max new tokens",
-                )  # fmt: skip
+                )
                 penalty = gr.Slider(1, 2, value=opts.repetition_penalty, step=0.05, label="Repetition penalty (1: off)")
         inputs = [box, chatbot, image, temperature, top_p, top_k, max_new, penalty]
         outputs = [chatbot, box, status]
@@ -438,9 +422,14 @@ def web(chat, group: Group, opts, log) -> None:
     page.queue(default_concurrency_limit=1)  # one model: one answer at a time, the others wait in the queue
     log(f"serving on http://{opts.host}:{opts.port} (Ctrl-C stops)")
     page.launch(
-        server_name=opts.host, server_port=opts.port, show_error=True, quiet=True, theme=theme,
-        footer_links=[], ssr_mode=False,
-    )  # fmt: skip
+        server_name=opts.host,
+        server_port=opts.port,
+        show_error=True,
+        quiet=True,
+        theme=theme,
+        footer_links=[],
+        ssr_mode=False,
+    )
 
 
 def turns_of(history: list[dict]) -> list[tuple[str, str]]:
@@ -460,4 +449,6 @@ def turns_of(history: list[dict]) -> list[tuple[str, str]]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from util.cli import run
+
+    sys.exit(run(main))

@@ -16,37 +16,58 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from fairscale.nn.model_parallel import initialize as fs_mp
 from torch import nn
 
-from model.args import ModelArgs, read_config_json
-from util.build import build_model
-from util.checkpoint import open_checkpoint
+from model.args import ModelArgs
+from model.peft import uses_peft
+from util.build import build_model, model_config, open_checkpoints
+from util.cli import process_groups, run, save_quantized_for_reuse, setup_logging
 from util.data import InstructionDataset, load_data_config
-from util.dist import init_distributed, init_process_group
+from util.dist import DistInfo, init_distributed, init_process_group
 from util.quickstart import DATA_CONFIG, QUICKSTART_DIR, prepare_quickstart
 from util.tokenizer import Tokenizer
-from util.train import PRECISIONS, Trainer, config_from, resolve_resume
+from util.train import PRECISIONS, TrainConfig, Trainer, config_from, resolve_resume
 
 log = logging.getLogger("main_finetune")
 
 # Defaults, and the quickstart's where the user gave nothing (argparse defaults are None to tell them apart).
 DEFAULTS = dict(
-    quant="none", batch_size=4, accum_iter=1, lr=1e-4, min_lr=0.0, weight_decay=0.02, warmup_epochs=0.0, epochs=1,
-    clip_grad=2.0, max_words=512, save_interval=1, save_iteration_interval=0, keep_last=0, seed=0, num_workers=1,
-    output_dir="out/finetune", log_interval=1,
-)  # fmt: skip
+    quant="none",
+    batch_size=4,
+    accum_iter=1,
+    lr=1e-4,
+    min_lr=0.0,
+    weight_decay=0.02,
+    warmup_epochs=0.0,
+    epochs=1,
+    clip_grad=2.0,
+    max_words=512,
+    save_interval=1,
+    save_iteration_interval=0,
+    keep_last=0,
+    seed=0,
+    num_workers=1,
+    output_dir="out/finetune",
+    log_interval=1,
+)
 QUICKSTART = dict(
-    quant="4bit", batch_size=8, lr=3e-3, min_lr=3e-4, warmup_iters=5, epochs=6, clip_grad=1.0, max_words=128,
-    save_interval=0, num_workers=0, output_dir=str(QUICKSTART_DIR),
-)  # fmt: skip
+    quant="4bit",
+    batch_size=8,
+    lr=3e-3,
+    min_lr=3e-4,
+    warmup_iters=5,
+    epochs=6,
+    clip_grad=1.0,
+    max_words=128,
+    save_interval=0,
+    num_workers=0,
+    output_dir=str(QUICKSTART_DIR),
+)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -58,9 +79,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     m.add_argument("--pretrained_format", default="auto", choices=["auto", "meta", "hf", "lazyllama"])
     m.add_argument("--quant", choices=["none", "4bit", "4bit_fp4", "8bit"], help="base quantization (default none)")
     m.add_argument(
-        "--save_quantized", default=None,
+        "--save_quantized",
+        default=None,
         help="after building, write the quantized model here (a later --pretrained_path DIR skips quantization)",
-    )  # fmt: skip
+    )
     m.add_argument("--model_parallel_size", type=int, default=1)
     m.add_argument(
         "--data_parallel",
@@ -116,150 +138,126 @@ class FinetuneResult:
     checkpoints: list[Path]  # what build_model loaded: base(s), then the resumed checkpoint
 
 
-def model_config(opts: argparse.Namespace, tokenizer: Tokenizer) -> ModelArgs:
-    """The checkpoints' configs in order, then --llama_config files on top; vocab size from the checkpoint's
-    embedding or the tokenizer."""
-    args, vocab_from_ckpt = None, None
-    for path in opts.pretrained_path:
-        with open_checkpoint(path, format=opts.pretrained_format) as reader:
-            if reader.config:
-                args = ModelArgs.from_dict(reader.config, source=str(reader.path), base=args)
-            if vocab_from_ckpt is None and "tok_embeddings.weight" in reader.keys():
-                vocab_from_ckpt = reader.shape("tok_embeddings.weight")[0]
-    for path in opts.llama_config:
-        args = ModelArgs.from_dict(read_config_json(path, what="--llama_config"), source=path, base=args)
-    if args is None:
-        raise ValueError(
-            "no model config: give --llama_config (e.g. params.json configs/lora_r16.json) or a --pretrained_path "
-            "whose directory has params.json / config.json; or give no model arguments for the quickstart"
-        )
-    if args.vocab_size == -1:
-        args = args.with_vocab_size(vocab_from_ckpt or tokenizer.vocab_size, source="the checkpoint / tokenizer")
-    if tokenizer.vocab_size > args.vocab_size:
-        raise ValueError(
-            f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-            f"{args.vocab_size}; use the tokenizer that belongs to the checkpoint"
-        )
-    return args
-
-
-def _is_peft(args: ModelArgs) -> bool:
-    return args.lora_rank > 0 or args.adapter_len > 0 or args.bias_tuning or args.norm_tuning
-
-
-def _setup_logging() -> None:
-    main_rank = int(os.environ.get("RANK", "0")) == 0
-    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(message)s", force=True)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-
-
-def main(argv: list[str] | None = None) -> FinetuneResult:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, with the defaults (the quickstart's where no model is given) filled in."""
     opts = get_args_parser().parse_args(argv)
     quickstart = not (opts.llama_config or opts.pretrained_path or opts.tokenizer_path)
     for key, value in {**DEFAULTS, **(QUICKSTART if quickstart else {})}.items():
         if getattr(opts, key, None) is None:
             setattr(opts, key, value)
-    _setup_logging()
-    own_pg, own_mp = not dist.is_initialized(), not fs_mp.model_parallel_is_initialized()
-    init_process_group()
-    try:
-        if quickstart:  # tokenizer and tiny base on first use (rank 0, before the model-parallel groups)
-            inputs = prepare_quickstart(
-                opts.output_dir, data_config=opts.data_config or DATA_CONFIG, pretrain_steps=opts.pretrain_steps
-            )
-            opts.tokenizer_path, opts.pretrained_path = str(inputs.tokenizer), [str(inputs.base)]
-            opts.llama_config, opts.data_config = [str(inputs.lora_config)], opts.data_config or str(DATA_CONFIG)
+    opts.quickstart = quickstart
+    return opts
+
+
+def with_quickstart_inputs(opts: argparse.Namespace) -> argparse.Namespace:
+    """The quickstart's tokenizer, tiny base and LoRA config, made on first use (rank 0, before the model-parallel
+    groups exist)."""
+    data_config = opts.data_config or str(DATA_CONFIG)
+    inputs = prepare_quickstart(opts.output_dir, data_config=data_config, pretrain_steps=opts.pretrain_steps)
+    paths = dict(tokenizer_path=str(inputs.tokenizer), pretrained_path=[str(inputs.base)], data_config=data_config)
+    return argparse.Namespace(**{**vars(opts), **paths, "llama_config": [str(inputs.lora_config)]})
+
+
+def load_data(opts: argparse.Namespace, args: ModelArgs, tokenizer: Tokenizer) -> InstructionDataset:
+    if opts.data_config is None:
+        raise ValueError("no data: give --data_config (a YAML listing the sources, see data/quickstart.yaml)")
+    max_words = min(opts.max_words, args.max_seq_len)
+    if max_words < opts.max_words:
+        log.info("max_words %d -> %d (the model's max_seq_len)", opts.max_words, max_words)
+    sources = load_data_config(opts.data_config)
+    dataset = InstructionDataset(sources, tokenizer.path, max_words=max_words, seed=opts.seed, strict=opts.strict_data)
+    if dataset.has_images and not args.visual_backbone:
+        raise ValueError(
+            "image_conversation data needs a model with a visual backbone: add a visual config (visual_backbone, "
+            "visual_weights) to --llama_config"
+        )
+    return dataset
+
+
+def build_settings(opts: argparse.Namespace, args: ModelArgs, cfg: TrainConfig) -> tuple[str | None, torch.dtype]:
+    """(quant, dtype) for build_model; refuses a quantized base with nothing to train, or sharded by FSDP."""
+    peft = uses_peft(args)
+    quant = None if opts.quant == "none" else opts.quant
+    if quant and not peft:
+        raise ValueError(
+            f"--quant {quant} freezes the base, and the config adds no adapters to train: add a LoRA config "
+            "(--llama_config ... configs/lora_r16.json) or fine-tune fully with --quant none"
+        )
+    if quant and cfg.data_parallel == "fsdp":
+        raise ValueError(
+            "--data_parallel fsdp cannot shard quantized weights: a quantized base is frozen and built on every "
+            "rank, so use --data_parallel ddp (only the adapters are synchronized), or --quant none"
+        )
+    # adapters train in fp32 beside a base in the autocast dtype; full fine-tuning keeps fp32 master weights
+    return quant, torch.float32 if cfg.precision == "fp32" or not peft else PRECISIONS[cfg.precision]
+
+
+def main(argv: list[str] | None = None) -> FinetuneResult:
+    opts = parse_args(argv)
+    setup_logging()
+    with process_groups():
+        init_process_group()
+        if opts.quickstart:
+            opts = with_quickstart_inputs(opts)
         info = init_distributed(opts.model_parallel_size)
         device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-        opts.precision = opts.precision or ("bf16" if device.type == "cuda" else "fp32")
-
+        output_dir = Path(opts.output_dir)
+        precision = opts.precision or ("bf16" if device.type == "cuda" else "fp32")
+        cfg = config_from(opts, output_dir=output_dir, precision=precision)
+        resume = [resolve_resume(opts.resume, output_dir)] if opts.resume else []
         tokenizer_path = opts.tokenizer_path or (opts.pretrained_path[0] if opts.pretrained_path else None)
         if tokenizer_path is None:
             raise ValueError("no tokenizer: give --tokenizer_path (a sentencepiece tokenizer.model)")
         tokenizer = Tokenizer(tokenizer_path)
-        args = model_config(opts, tokenizer)
-        if opts.data_config is None:
-            raise ValueError("no data: give --data_config (a YAML listing the sources, see data/quickstart.yaml)")
-        # the data before the model: a bad data file fails in seconds, not after a long build
-        max_words = min(opts.max_words, args.max_seq_len)
-        if max_words < opts.max_words and info.is_main:
-            log.info("max_words %d -> %d (the model's max_seq_len)", opts.max_words, max_words)
-        dataset = InstructionDataset(load_data_config(opts.data_config), tokenizer.path, max_words=max_words,
-                                     seed=opts.seed, strict=opts.strict_data)  # fmt: skip
-        if dataset.has_images and not args.visual_backbone:
-            raise ValueError(
-                "image_conversation data needs a model with a visual backbone: add a visual config (visual_backbone, "
-                "visual_weights) to --llama_config"
-            )
 
-        output_dir = Path(opts.output_dir)
-        cfg = config_from(opts, output_dir=output_dir)
-
-        # the model: base checkpoints, then the checkpoint to resume from (its trainable or full tensors win)
-        resume = resolve_resume(opts.resume, output_dir) if opts.resume else None
-        # opened here with --pretrained_format (build_model auto-detects the paths it opens itself)
-        checkpoints = [open_checkpoint(p, format=opts.pretrained_format) for p in opts.pretrained_path]
-        checkpoints += [resume] if resume else []
-        peft = _is_peft(args)
-        dtype = torch.float32 if opts.precision == "fp32" or not peft else PRECISIONS[opts.precision]
-        quant = None if opts.quant == "none" else opts.quant
-        if quant and not peft:
-            raise ValueError(
-                f"--quant {quant} freezes the base, and the config adds no adapters to train: add a LoRA config "
-                "(--llama_config ... configs/lora_r16.json) or fine-tune fully with --quant none"
-            )
-        if quant and cfg.data_parallel == "fsdp":
-            raise ValueError(
-                "--data_parallel fsdp cannot shard quantized weights: a quantized base is frozen and built on every "
-                "rank, so use --data_parallel ddp (only the adapters are synchronized), or --quant none"
-            )
-        model, _ = build_model(args, checkpoints, quant=quant, dtype=dtype, device=device, seed=opts.seed)  # logs it
-        for reader in checkpoints[: len(opts.pretrained_path)]:
-            reader.close()
-        if opts.save_quantized:
-            from util.checkpoint import save_quantized
-
-            save_quantized(model, opts.save_quantized)
-            if torch.distributed.is_initialized():
-                torch.distributed.barrier()  # every rank's file is written before anyone reads the directory
-            if info.is_main:
-                log.info(
-                    "saved the quantized model to %s: pass it as --pretrained_path to skip quantizing",
-                    opts.save_quantized,
+        # each checkpoint opened once: the config, then the build (base(s), then the checkpoint resumed from)
+        with open_checkpoints(opts.pretrained_path, format=opts.pretrained_format) as bases:
+            args = model_config(bases, opts.llama_config, tokenizer=tokenizer)
+            dataset = load_data(opts, args, tokenizer)  # before the model: a bad data file fails in seconds
+            quant, dtype = build_settings(opts, args, cfg)
+            with open_checkpoints(resume) as resumed:
+                model, _ = build_model(
+                    args, [*bases, *resumed], quant=quant, dtype=dtype, device=device, seed=opts.seed
                 )
+        if opts.save_quantized:
+            save_quantized_for_reuse(model, opts.save_quantized, log.info)
+
         trainer = Trainer(model, args, dataset, cfg, device=device, base_checkpoints=opts.pretrained_path)
         if info.is_main:
-            trainable = sum(p.numel() for p in trainer.module.parameters() if p.requires_grad)
-            log.info("%d examples, %d optimizer steps (%d per epoch), %s trainable parameters per rank, dp %d x mp %d",
-                     len(dataset), trainer.total_iters, trainer.steps_per_epoch, f"{trainable:,}",
-                     info.data_parallel_size, info.model_parallel_size)  # fmt: skip
+            log_plan(trainer, len(dataset), info)
         if resume:
-            trainer.resume(resume)
+            trainer.resume(resume[0])
         losses = trainer.fit()
         final = trainer.save_final(output_dir / "final", tokenizer.path)
         if info.is_main:
-            what = "trainable tensors" if trainer.only_save_trainable else "full model"
-            print(f"fine-tuned {what} written to {final} (+ tokenizer.model, params.json)")
-            if losses:
-                print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
-            bases = " ".join(str(p) for p in opts.pretrained_path)
-            print(f"load it with build_model(None, [{', '.join(repr(p) for p in [*opts.pretrained_path, str(final)])}]"
-                  f"{', quant=' + repr(quant) if quant else ''})")  # fmt: skip
-            if quickstart:
-                print(f'chat: python demo.py --prompt "What is the opposite of hot?"   (base {bases}, delta {final})')
-        return FinetuneResult(final, losses, trainer.module, args, checkpoints)
-    finally:
-        if own_mp and fs_mp.model_parallel_is_initialized():
-            fs_mp.destroy_model_parallel()
-        if own_pg and dist.is_initialized():
-            dist.destroy_process_group()
+            print_summary(opts, trainer, final, losses, quant)
+        return FinetuneResult(final, losses, trainer.module, args, [*map(Path, opts.pretrained_path), *resume])
+
+
+def log_plan(trainer: Trainer, examples: int, info: DistInfo) -> None:
+    trainable = sum(p.numel() for p in trainer.module.parameters() if p.requires_grad)
+    log.info(
+        "%d examples, %d optimizer steps (%d per epoch), %s trainable parameters per rank, dp %d x mp %d",
+        examples,
+        trainer.total_iters,
+        trainer.steps_per_epoch,
+        f"{trainable:,}",
+        info.data_parallel_size,
+        info.model_parallel_size,
+    )
+
+
+def print_summary(opts: argparse.Namespace, trainer: Trainer, final: Path, losses: list[float], quant) -> None:
+    what = "trainable tensors" if trainer.only_save_trainable else "full model"
+    print(f"fine-tuned {what} written to {final} (+ tokenizer.model, params.json)")
+    if losses:
+        print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
+    paths = ", ".join(repr(str(p)) for p in [*opts.pretrained_path, final])
+    print(f"load it with build_model(None, [{paths}]{', quant=' + repr(quant) if quant else ''})")
+    if opts.quickstart:
+        bases = " ".join(map(str, opts.pretrained_path))
+        print(f'chat: python demo.py --prompt "What is the opposite of hot?"   (base {bases}, delta {final})')
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, KeyError) as e:  # configuration mistakes: the message, not a traceback
-        if os.environ.get("LAZYLLAMA_TRACEBACK"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run(main))

@@ -194,6 +194,11 @@ def add_bias_tuning(model: nn.Module, args: ModelArgs) -> int:
     return count
 
 
+def uses_peft(args: ModelArgs) -> bool:
+    """Does the config add anything to train (LoRA, LLaMA-Adapter, bias or norm tuning)? If not: full fine-tuning."""
+    return args.lora_rank > 0 or args.adapter_len > 0 or args.bias_tuning or args.norm_tuning
+
+
 def is_trainable(name: str, args: ModelArgs) -> bool:
     """THE trainable predicate: what the optimizer updates and what a trainable-only checkpoint holds.
 
@@ -201,14 +206,13 @@ def is_trainable(name: str, args: ModelArgs) -> bool:
     method configured, everything except quantized weights is trainable (full fine-tuning).
     """
     leaf = name.rsplit(".", 1)[-1]
-    peft = args.lora_rank > 0 or args.adapter_len > 0 or args.bias_tuning or args.norm_tuning
     if name.startswith("visual."):  # the backbone is frozen unless asked; projection and markers train
         return args.visual_trainable or not name.startswith("visual.backbone.")
     if ".lora." in f".{name}" or ".bias_tune." in f".{name}" or "adapter" in name:
         return True
     if args.norm_tuning and leaf == "weight" and name.rsplit(".", 2)[-2].endswith("norm"):
         return True
-    return not peft
+    return not uses_peft(args)
 
 
 def mark_trainable(model: nn.Module, args: ModelArgs) -> list[str]:

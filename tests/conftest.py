@@ -3,7 +3,7 @@ import logging
 import pytest
 import torch
 
-from util.dist import destroy_distributed
+from util.dist import shutdown
 
 # bitsandbytes logs an optional-kernel notice at import on CPU; it is noise in test output.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -23,7 +23,7 @@ def _clean_global_state():
     """Tests must not leak default dtype/device or process groups into each other."""
     dtype, device = torch.get_default_dtype(), torch.get_default_device()
     yield
-    destroy_distributed()
+    shutdown()
     assert torch.get_default_dtype() == dtype, "a test leaked the default dtype"
     assert torch.get_default_device() == device, "a test leaked the default device"
     torch.set_default_dtype(dtype)

@@ -92,3 +92,10 @@ def write_tiny_checkpoint(path, *, seed: int, args: ModelArgs | None = None):
     sd = random_state_dict(args, seed=seed)
     write_meta_checkpoint(path, sd, params=params_of(args))
     return args, sd
+
+
+def greedy_generate(model, prompt: list[int], max_new_tokens: int, *, eos_id: int | None = None) -> list[int]:
+    """Greedy continuation of one prompt alone (util.generate.generate with a batch of one)."""
+    from util.generate import SamplingParams, generate
+
+    return generate(model, [prompt], SamplingParams(max_new_tokens=max_new_tokens), eos_id=eos_id)[0]

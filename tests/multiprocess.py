@@ -36,9 +36,9 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> No
     except BaseException as e:  # surfaced in the parent with the worker's traceback
         payload = ("error", f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
     finally:
-        from util.dist import destroy_distributed
+        from util.dist import shutdown
 
-        destroy_distributed()
+        shutdown()
     with open(Path(out_dir) / f"rank{rank}.pkl", "wb") as f:
         pickle.dump(payload, f)
 

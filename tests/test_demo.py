@@ -6,6 +6,8 @@ message with ANSWER, so that a right answer is recognizable (and 4-bit keeps it)
 """
 
 import os
+import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -31,9 +33,14 @@ ANSWER = "Eat well, sleep enough, and exercise."
 QUESTIONS = ["hello", "Give three tips for staying healthy.", "hi there", "what should I do?"]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 ARTIFACTS = ROOT / "out" / "test-artifacts"
 
 
@@ -91,9 +98,10 @@ def quickstart_cwd(model_dir, tmp_path_factory):
     return cwd
 
 
-def run_demo(*args: str, cwd: Path = ROOT, stdin: str | None = None, timeout: float = 120):
+def run_demo(*args: str, cwd: Path = ROOT, stdin: str | None = None, timeout: float = 120, env: dict | None = None):
+    env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, DEMO, *args], cwd=cwd, input=stdin, capture_output=True, text=True, timeout=timeout
+        [sys.executable, DEMO, *args], cwd=cwd, input=stdin, capture_output=True, text=True, timeout=timeout, env=env
     )
 
 
@@ -131,13 +139,69 @@ def test_prompt_mode_answers_with_the_default_fine_tuned_model(quickstart_cwd):
     assert "peak CPU RSS" in r.stderr
 
 
+def readme_command(program: str) -> list[str]:
+    """The README's first command that runs `program` with --pretrained_path, as argv after the program (line
+    continuations joined, the comment dropped)."""
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    line = next(x for x in text.splitlines() if re.search(rf"\b{re.escape(program)} .*--pretrained_path", x))
+    argv = shlex.split(line, comments=True)
+    return argv[argv.index(program) + 1 :]
+
+
+def test_the_readme_chat_command_loads_a_fine_tuned_delta(model_dir, tmp_path):
+    """The README's fine-tuning command (a 2-step run) then its chat command, both as written, in a directory laid
+    out like theirs: the delta's LoRA fields come from its params.json under --llama_config's base config."""
+    (tmp_path / "llama-2-7b").mkdir()
+    for f in [*(model_dir / "base").iterdir(), model_dir / "tokenizer.model"]:
+        shutil.copy(f, tmp_path / "llama-2-7b" / f.name)
+    for d in ("configs", "data"):
+        (tmp_path / d).symlink_to(ROOT / d)
+    tiny_run = shlex.split(
+        "--max_iters 2 --batch_size 2 --max_words 64 --num_workers 0 --save_interval 0 --no_tensorboard"
+    )
+    cmd = [sys.executable, str(ROOT / "main_finetune.py"), *readme_command("main_finetune.py"), *tiny_run]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    chat = readme_command("demo.py")
+    assert chat[chat.index("--pretrained_path") + 2] == "out/7b-qlora/final"  # where the fine-tuning command wrote
+    assert (tmp_path / "out" / "7b-qlora" / "final" / "params.json").is_file()
+    r = run_demo(*chat, "--prompt", "Give three tips for staying healthy.", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and "loaded llama-2-7b, out/7b-qlora/final in" in r.stderr and "4bit" in r.stderr
+
+
+def test_configuration_mistakes_are_one_error_line(quickstart_cwd, tmp_path):
+    q = quickstart_cwd / "out" / "quickstart"
+    model = ["--tokenizer_path", str(q / "tokenizer.model"), "--pretrained_path", str(q / "base"), str(q / "final")]
+    no_lora, bad_type = tmp_path / "no_lora.json", tmp_path / "bad_type.json"
+    no_lora.write_text('{"lora_rank": 0}')
+    bad_type.write_text('{"n_layers": "2"}')
+    # a config on top that drops the delta's LoRA: its tensors fit nothing (a KeyError inside)
+    r = run_demo(*model, "--llama_config", str(no_lora), "--prompt", "hi")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr
+    assert "are not in the model" in errors[0] and "lora" in errors[0] and not errors[0].startswith('error: "')
+    # a value of the wrong type names the file and the key
+    r = run_demo(*model, "--llama_config", str(bad_type), "--prompt", "hi")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"error: {bad_type}: n_layers='2' is not a valid value: expected int" in r.stderr.splitlines()
+    # LAZYLLAMA_TRACEBACK=1 keeps the traceback for debugging
+    r = run_demo(*model, "--llama_config", str(bad_type), "--prompt", "hi", env={"LAZYLLAMA_TRACEBACK": "1"})
+    assert r.returncode == 1 and "Traceback" in r.stderr and "TypeError: " in r.stderr
+
+
 def test_terminal_chat_in_a_pseudo_terminal(model_dir):
     import pexpect
 
     child = pexpect.spawn(
-        sys.executable, [DEMO, *model_args(model_dir), "--temperature", "0"], cwd=str(ROOT), encoding="utf-8",
-        timeout=60, dimensions=(40, 200),
-    )  # fmt: skip
+        sys.executable,
+        [DEMO, *model_args(model_dir), "--temperature", "0"],
+        cwd=str(ROOT),
+        encoding="utf-8",
+        timeout=60,
+        dimensions=(40, 200),
+    )
     try:
         child.expect("peak CPU RSS")  # load time and memory are printed first
         child.expect("you> ")
@@ -172,10 +236,27 @@ def test_terminal_chat_in_a_pseudo_terminal(model_dir):
 def test_model_parallel_2_under_torchrun(model_dir):
     port = _free_port()
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), DEMO,
-         "--model_parallel_size", "2", *model_args(model_dir), "--temperature", "0"],
-        cwd=ROOT, input="hello\n/clear\nwhat should I do?\n/quit\n", capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            DEMO,
+            "--model_parallel_size",
+            "2",
+            *model_args(model_dir),
+            "--temperature",
+            "0",
+        ],
+        cwd=ROOT,
+        input="hello\n/clear\nwhat should I do?\n/quit\n",
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     # rank 0 read the input and printed; both ranks generated (each step broadcasts rank 0's token)
     assert r.stdout.count(f"assistant> {ANSWER}") == 2, r.stdout
@@ -195,9 +276,11 @@ def web_server(model_dir, tmp_path_factory):
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, DEMO, *model_args(model_dir), "--web", "--port", str(port), "--temperature", "0"],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
-        )  # fmt: skip
+        )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 90

@@ -21,7 +21,6 @@ from tests.finetune_env import REPO, TOKENS, make_env
 from tests.multiprocess import run_multiprocess
 from util.build import build_model
 from util.checkpoint import open_checkpoint
-from util.tokenizer import Tokenizer
 from util.train import SAVE_PAUSE_ENV, TRAIN_STATE, clip_grad_norm_, shard_dims_of
 
 STEPS = 8
@@ -36,25 +35,28 @@ def _session(rank, env, out):
     results = {}
     for name, mp in [("dp2", 1), ("mp2", 2)]:
         init_distributed(mp)
-        res = main_finetune.main(env.argv(
-            out / name, "--quant", "4bit", "--max_iters", str(STEPS), "--model_parallel_size", str(mp),
-            "--accum_iter", "2", "--checkpointing", "--clip_grad", "1.0", "--save_iteration_interval", "4",
-        ))  # fmt: skip
+        extra = f"--quant 4bit --max_iters {STEPS} --model_parallel_size {mp} --accum_iter 2 --checkpointing"
+        extra += " --clip_grad 1.0 --save_iteration_interval 4"
+        res = main_finetune.main(env.argv(out / name, *extra.split()))
         model = res.model.eval()
         reloaded, _ = build_model(None, [env.base, res.final_dir], quant="4bit", dtype=torch.float32)  # this layout
         with torch.no_grad():
             logits, logits_reloaded = model(TOKENS), reloaded.eval()(TOKENS)
         trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        results[name] = {"losses": res.losses, "logits": logits, "logits_reloaded": logits_reloaded,
-                         "trainable": trainable, "final": res.final_dir, "position": position()}  # fmt: skip
+        results[name] = dict(
+            losses=res.losses,
+            logits=logits,
+            logits_reloaded=logits_reloaded,
+            trainable=trainable,
+            final=res.final_dir,
+            position=position(),
+        )
         fs_mp.destroy_model_parallel()
 
     init_distributed(1)
     for dp in ("ddp", "fsdp"):  # full fine-tuning of the unquantized base
-        res = main_finetune.main(env.argv(
-            out / dp, "--quant", "none", "--data_parallel", dp, "--max_iters", "3", "--lr", "1e-3",
-            "--clip_grad", "0.5", "--save_iteration_interval", "2", lora=False,
-        ))  # fmt: skip
+        extra = f"--quant none --data_parallel {dp} --max_iters 3 --lr 1e-3 --clip_grad 0.5 --save_iteration_interval 2"
+        res = main_finetune.main(env.argv(out / dp, *extra.split(), lora=False))
         results[dp] = {"losses": res.losses, "final": res.final_dir}
     fs_mp.destroy_model_parallel()
 
@@ -159,9 +161,13 @@ def killed(env, tmp_path_factory):
     out = tmp_path_factory.mktemp("killed")
     argv = env.argv(out, "--quant", "4bit", "--max_iters", "6", "--accum_iter", "2", "--save_iteration_interval", "2")
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "main_finetune.py"), *argv], cwd=REPO, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, text=True, env={**os.environ, SAVE_PAUSE_ENV: "4:120", "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
+        [sys.executable, str(REPO / "main_finetune.py"), *argv],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, SAVE_PAUSE_ENV: "4:120", "PYTHONPATH": str(REPO)},
+    )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
     try:
@@ -196,21 +202,8 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_intact(killed, env)
 def test_resume_continues_exactly(killed, env, tmp_path):
     argv = env.argv(tmp_path / "straight", "--quant", "4bit", "--max_iters", "6", "--accum_iter", "2")
     straight = main_finetune.main(argv).losses  # 16 examples, 2 x 2 per step: resumed at 2, crosses an epoch at 4
-    resumed = main_finetune.main(
-        env.argv(
-            killed,
-            "--quant",
-            "4bit",
-            "--max_iters",
-            "6",
-            "--accum_iter",
-            "2",
-            "--save_iteration_interval",
-            "2",
-            "--resume",
-            "latest",
-        )  # fmt: skip
-    ).losses
+    extra = "--quant 4bit --max_iters 6 --accum_iter 2 --save_iteration_interval 2 --resume latest"
+    resumed = main_finetune.main(env.argv(killed, *extra.split())).losses
     assert len(straight) == len(resumed) == 6
     assert resumed == straight  # the killed run's first 2 (from its checkpoint), then 4 more: bit for bit
     logged = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()]
@@ -240,15 +233,37 @@ def test_quickstart_default_makes_its_inputs_and_a_lora_delta(tmp_path, capsys):
     assert (out / "base" / "consolidated.00.pth").stat().st_mtime_ns == stamp
 
 
+def _main_finetune(*argv: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "main_finetune.py", *argv]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return errors[0]
+
+
 def test_command_line_errors_name_the_problem(env, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("sources:\n  - {path: nowhere.json, type: alpaca}\n")
-    proc = subprocess.run(
-        [sys.executable, "main_finetune.py", *env.argv(tmp_path / "o", "--data_config", str(bad))],
-        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "nowhere.json" in proc.stderr and str(bad) in proc.stderr and "Traceback" not in proc.stderr
+    error = _one_error_line(_main_finetune(*env.argv(tmp_path / "o", "--data_config", str(bad))))
+    assert "nowhere.json" in error and str(bad) in error
+    bad_value = tmp_path / "bad_value.json"
+    bad_value.write_text('{"lora_rank": "16"}')
+    error = _one_error_line(_main_finetune(*env.argv(tmp_path / "o", "--llama_config", str(bad_value))))
+    assert error == f"error: {bad_value}: lora_rank='16' is not a valid value: expected int"
+
+
+def test_a_checkpoint_that_does_not_fit_the_config_is_one_error_line(killed, env, tmp_path):
+    """A LoRA delta on a config with fewer LoRA targets: its other adapters fit no tensor (a KeyError inside)."""
+    only_wq = tmp_path / "only_wq.json"
+    only_wq.write_text('{"lora_targets": ["wq"]}')
+    argv = env.argv(tmp_path / "o", "--llama_config", str(REPO / "configs" / "lora_r16.json"), str(only_wq))
+    argv[argv.index(str(env.base)) + 1 : argv.index(str(env.base)) + 1] = [str(killed / "checkpoint-0000002")]
+    error = _one_error_line(_main_finetune(*argv))
+    assert "are not in the model" in error and "layers.0.attention.wk.lora" in error
 
 
 def test_configuration_mistakes_fail_before_the_build(env, tmp_path):
@@ -258,9 +273,5 @@ def test_configuration_mistakes_fail_before_the_build(env, tmp_path):
         main_finetune.main(env.argv(tmp_path, "--quant", "4bit", "--data_parallel", "fsdp", "--max_iters", "1"))
     with pytest.raises(FileNotFoundError, match="--resume latest: no checkpoint-"):
         main_finetune.main(env.argv(tmp_path / "empty", "--resume", "latest"))
-    opts = main_finetune.get_args_parser().parse_args(env.argv(tmp_path, "--pretrained_format", "meta"))
-    args = main_finetune.model_config(opts, Tokenizer(env.tokenizer))
-    assert args.lora_rank == 16 and args.dim == 64  # the base's params.json, then the LoRA config on top
-    opts.pretrained_format = "hf"
-    with pytest.raises(ValueError, match=str(env.base)):
-        main_finetune.model_config(opts, Tokenizer(env.tokenizer))
+    with pytest.raises(ValueError, match=str(env.base)):  # --pretrained_format reaches open_checkpoint
+        main_finetune.main(env.argv(tmp_path, "--pretrained_format", "hf"))

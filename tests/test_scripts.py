@@ -17,9 +17,12 @@ def _run(script, *args, **env):
     # not the launcher variables another test's process group left in os.environ
     base = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "NGPUS", "MP", "QUANT")}
     return subprocess.run(
-        ["bash", str(REPO / "scripts" / script), *args], capture_output=True, text=True, timeout=30,
+        ["bash", str(REPO / "scripts" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
         env={**base, **env},
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

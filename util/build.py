@@ -1,14 +1,16 @@
-"""build_model(): the one build sequence both entry scripts use."""
+"""build_model(): the one build sequence both entry scripts use; model_config(): the one config rule."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from model.args import ModelArgs
+from model.args import ModelArgs, read_config_json
 from model.llama import Transformer
 from model.peft import add_bias_tuning, add_lora, mark_trainable
 from util.checkpoint import CheckpointError, CheckpointReader, open_checkpoint
@@ -16,6 +18,62 @@ from util.lazy_init import LoadReport, materialize_and_load, meta_init
 from util.quant import DEFAULT_BLOCK_LIST, quantize_model
 
 log = logging.getLogger(__name__)
+
+EMBEDDING = "tok_embeddings.weight"
+
+
+class _Vocab(Protocol):  # a util.tokenizer.Tokenizer, or anything with its vocabulary size and file
+    vocab_size: int
+    path: Path
+
+
+@contextlib.contextmanager
+def open_checkpoints(paths: Sequence[str | Path] | None, *, format: str = "auto") -> Iterator[list[CheckpointReader]]:
+    """Open each checkpoint once (format auto-detected unless given) and close them all on leaving the block."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(open_checkpoint(p, format=format)) for p in paths or []]
+
+
+def model_config(
+    readers: Sequence[CheckpointReader],
+    config_files: Sequence[str | Path] = (),
+    *,
+    tokenizer: _Vocab | None = None,
+) -> ModelArgs:
+    """THE config rule: the checkpoints' configs in order (base, then deltas: a LoRA delta adds its LoRA fields to
+    the base's), then the user's config files on top (--llama_config); later wins. The vocabulary (Meta's -1) from
+    the first checkpoint holding the embedding, else from the tokenizer; a tokenizer larger than the model is an
+    error."""
+    args = None
+    for reader in readers:
+        if reader.config:
+            args = ModelArgs.from_dict(reader.config, source=str(reader.path), base=args)
+    for path in config_files:
+        args = ModelArgs.from_dict(read_config_json(path, what="--llama_config"), source=str(path), base=args)
+    if args is None:
+        raise ValueError(
+            "no model config: give --llama_config (e.g. params.json configs/lora_r16.json) or a checkpoint whose "
+            "directory has params.json / config.json"
+        )
+    return with_vocab(args, readers, tokenizer)
+
+
+def with_vocab(args: ModelArgs, readers: Sequence[CheckpointReader], tokenizer: _Vocab | None = None) -> ModelArgs:
+    """Fill vocab_size=-1 from the embedding, else the tokenizer; check the tokenizer fits the model."""
+    if args.vocab_size == -1:
+        holder = next((r for r in readers if EMBEDDING in r.keys()), None)
+        if holder is not None:
+            args = args.with_vocab_size(holder.shape(EMBEDDING)[0], source=str(holder.path))
+        elif tokenizer is not None:
+            args = args.with_vocab_size(tokenizer.vocab_size, source=str(tokenizer.path))
+        else:
+            raise ValueError("vocab_size is -1 in the config and no checkpoint or tokenizer says it: set vocab_size")
+    if tokenizer is not None and tokenizer.vocab_size > args.vocab_size:
+        raise ValueError(
+            f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{args.vocab_size}: use the tokenizer that belongs to the checkpoint"
+        )
+    return args
 
 
 def build_model(
@@ -31,26 +89,17 @@ def build_model(
 ) -> tuple[Transformer, LoadReport]:
     """Build a LLaMA model lazily: its memory is the memory of its (quantized) weights.
 
-    args: the config; None takes it from the first checkpoint (params.json / config.json). Meta's
-    vocab_size=-1 is filled from the checkpoint's embedding.
+    args: the config; None takes it from the checkpoints by `model_config`'s rule. Meta's vocab_size=-1 is filled
+    from the checkpoint's embedding. checkpoints: paths (opened and closed here) or open readers (left open for
+    their owner, e.g. an entry script's `open_checkpoints` block).
     """
-    # Paths are opened (format auto-detected) and closed here; CheckpointReader objects (e.g. opened with an
-    # explicit format) are used as given and left open for their owner.
-    readers = [p if isinstance(p, CheckpointReader) else open_checkpoint(p) for p in checkpoints or []]
-    owned = [r for r, p in zip(readers, checkpoints or []) if r is not p]
-    try:
-        # 0. config: given, or the checkpoints' (later wins: a LoRA delta's config adds its LoRA fields to the
-        #    base's); vocab size from the embedding when the config says -1
-        if args is None:
-            configs = [(r.config, str(r.path)) for r in readers if r.config]
-            if not configs:
-                raise ValueError(
-                    "no model config: pass ModelArgs (e.g. --llama_config params.json) or a checkpoint with one"
-                )
-            for config, source in configs:
-                args = ModelArgs.from_dict(config, source=source, base=args)
-        if args.vocab_size == -1 and readers and "tok_embeddings.weight" in readers[0].keys():
-            args = args.with_vocab_size(readers[0].shape("tok_embeddings.weight")[0], source=str(readers[0].path))
+    with contextlib.ExitStack() as opened:  # paths are opened here and closed on leaving; readers stay open
+        readers = [
+            p if isinstance(p, CheckpointReader) else opened.enter_context(open_checkpoint(p))
+            for p in checkpoints or []
+        ]
+        # 0. config: given, or the checkpoints' (the one rule, see model_config)
+        args = model_config(readers) if args is None else with_vocab(args, readers)
 
         # 1. build on meta: no storage, no init work (a visual backbone is built for real inside, and gets
         #    its own weights from its file now)
@@ -71,9 +120,6 @@ def build_model(
 
         # 4. allocate, fill (checkpoint or reset_parameters), quantize, release: one tensor at a time
         report = materialize_and_load(model, readers, device=device, seed=seed, strict=strict)
-    finally:
-        for reader in owned:
-            reader.close()
 
     # 5. invariants (materialize_and_load verified nothing is on meta, no NaN): the trainable set is the
     #    predicate's, quantized weights are frozen

@@ -144,7 +144,7 @@ def init_distributed(model_parallel_size: int = 1, *, backend: str | None = None
         if fs_mp.get_model_parallel_world_size() != model_parallel_size:
             raise RuntimeError(
                 f"model parallel is already initialized with size {fs_mp.get_model_parallel_world_size()}, "
-                f"asked for {model_parallel_size}; call destroy_distributed() first"
+                f"asked for {model_parallel_size}; call shutdown() first"
             )
     else:
         if model_parallel_size < 1 or world_size % model_parallel_size:
@@ -156,8 +156,10 @@ def init_distributed(model_parallel_size: int = 1, *, backend: str | None = None
     return position()
 
 
-def destroy_distributed() -> None:
+def shutdown(*, keep_process_group: bool = False) -> None:
+    """The one teardown: the model-parallel groups, then the process group unless keep_process_group (it was the
+    caller's). Idempotent."""
     if fs_mp.model_parallel_is_initialized():
         fs_mp.destroy_model_parallel()
-    if dist.is_initialized():
+    if not keep_process_group and dist.is_initialized():
         dist.destroy_process_group()

@@ -213,13 +213,6 @@ def generate(
     return out
 
 
-def greedy_generate(
-    model: Transformer, prompt: list[int], max_new_tokens: int, *, eos_id: int | None = None
-) -> list[int]:
-    """Greedy continuation of one prompt: the prompt in one forward, then one token per step from the cache."""
-    return generate(model, [prompt], SamplingParams(max_new_tokens=max_new_tokens), eos_id=eos_id)[0]
-
-
 def fit_prompt(
     ids: Sequence[int], max_seq_len: int, max_new_tokens: int, *, min_new_tokens: int | None = None
 ) -> tuple[list[int], int, list[str]]:

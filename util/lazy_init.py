@@ -5,11 +5,13 @@
     quantize_model(model, "4bit")            # still on meta
     report = materialize_and_load(model, [ckpt_dir])
 
-`materialize_and_load` walks the modules in order. For each tensor still on meta it allocates storage on
-`device` and fills it from the last checkpoint that has it (this rank's slice, cast to the tensor's dtype) or,
-where no checkpoint has it, by its module's own `reset_parameters` (seeded per module name, so the result does
-not depend on walk order or on other modules). Quantized linears quantize their weight as it arrives - or, from
-a pre-quantized checkpoint (`util.checkpoint.save_quantized`), adopt the stored packed weight and quantization
+`materialize_and_load` plans, validates, then fills. The plan records, for each tensor still on meta, the last
+checkpoint that has it (in full precision or pre-quantized) or that its module initializes it. Validation, before
+any allocation: shapes, pre-quantized settings, missing and unexpected keys. The fill goes module by module
+(full-precision modules first): storage on `device`, filled from the checkpoint (this rank's slice, cast to the
+tensor's dtype) or by the module's own `reset_parameters` (seeded per module name, so the result does not depend
+on walk order or on other modules). Quantized linears quantize their weight as it arrives - or, from a
+pre-quantized checkpoint (`util.checkpoint.save_quantized`), adopt the stored packed weight and quantization
 state as they are (copied straight into fresh storage on `device`; nothing is quantized). The checkpoint's pages
 are released as soon as a tensor is consumed and freed heap is returned to the OS after each module, so peak
 memory stays near the size of the finished model.
@@ -31,9 +33,9 @@ from torch import nn
 
 from model.init import meta_init as meta_init  # re-exported: the public API is util.lazy_init.meta_init
 from model.init import real_init as real_init
-from model.layers.parallel import mp_rank, mp_world_size
 from util import memory
 from util.checkpoint import CheckpointReader, open_checkpoint, packed_key
+from util.dist import position
 from util.quant import QUANT_MODES, QuantLinear
 
 log = logging.getLogger(__name__)
@@ -130,6 +132,59 @@ def _check_finite(key: str, t: torch.Tensor, chunk: int = 1 << 22) -> None:
             raise ValueError(f"tensor {key!r} holds NaN or Inf after materialization")
 
 
+@dataclass
+class TensorPlan:
+    """One tensor a module owns directly, and where its values come from."""
+
+    name: str  # attribute name in its module
+    key: str  # checkpoint key
+    tensor: torch.Tensor  # as found: a meta placeholder, or already real
+    is_param: bool
+    persistent: bool
+    fill: bool  # still on meta and not shared with an earlier module: allocate and fill it
+    source: CheckpointReader | None  # the last checkpoint holding it in full precision
+    packed: CheckpointReader | None  # the checkpoint holding it pre-quantized, where that is the last to hold it
+
+
+@dataclass
+class ModulePlan:
+    name: str
+    module: nn.Module
+    tensors: list[TensorPlan]  # every tensor it owns directly, in its own order
+
+    @property
+    def todo(self) -> list[TensorPlan]:
+        return [t for t in self.tensors if t.fill]
+
+    def planned(self, name: str) -> TensorPlan | None:
+        return next((t for t in self.todo if t.name == name), None)
+
+
+@dataclass
+class _Sources:
+    """Which checkpoint wins for each key: the last one holding it (in `readers` order)."""
+
+    readers: list[CheckpointReader]
+    full: dict[str, CheckpointReader] = field(default_factory=dict)  # key -> in full precision
+    packed: dict[str, CheckpointReader] = field(default_factory=dict)  # weight key -> pre-quantized
+
+    def __post_init__(self) -> None:
+        for reader in self.readers:
+            for key in reader.keys():
+                self.full[key] = reader
+            for key in (reader.quantization or {}).get("weights", {}):
+                self.packed[key] = reader
+
+    def winner(self, key: str) -> tuple[CheckpointReader | None, CheckpointReader | None]:
+        """(full-precision source, pre-quantized source) of `key`; at most one of them where both exist."""
+        full, packed = self.full.get(key), self.packed.get(key)
+        if packed is not None and full is not None:
+            order = {id(reader): i for i, reader in enumerate(self.readers)}
+            if order[id(full)] > order[id(packed)]:
+                packed = None  # a later checkpoint holds it in full precision
+        return full, packed
+
+
 def materialize_and_load(
     model: nn.Module,
     checkpoints: Sequence[str | Path | CheckpointReader] | None = None,
@@ -155,7 +210,8 @@ def materialize_and_load(
     """
     t0 = time.perf_counter()
     device = torch.device(device)
-    rank, world_size = mp_rank(), mp_world_size()
+    pos = position()
+    world_size = pos.model_parallel_size
     allow_missing = allow_missing or (lambda module, key: allows_missing(module))
     readers = [c if isinstance(c, CheckpointReader) else open_checkpoint(c) for c in checkpoints or []]
     owned = [r for r, c in zip(readers, checkpoints or []) if not isinstance(c, CheckpointReader)]
@@ -163,100 +219,12 @@ def materialize_and_load(
     memory.reset_peak_rss()
     memory.reset_peak_device_memory(device)
     try:
-        source: dict[str, CheckpointReader] = {}  # key -> last checkpoint holding it
-        packed_source: dict[str, CheckpointReader] = {}  # weight key -> last checkpoint holding it pre-quantized
-        order = {id(reader): i for i, reader in enumerate(readers)}
-        for reader in readers:
-            for key in reader.keys():
-                source[key] = reader
-            for key in (reader.quantization or {}).get("weights", {}):
-                packed_source[key] = reader
-        _check_prequantized(model, readers, world_size)
-        prequant: dict[str, CheckpointReader] = {}  # quantized weights adopted packed, from that checkpoint
-
-        # 1. plan and validate before any allocation: missing keys, unexpected keys, shapes
-        plan: list[tuple[str, nn.Module, list[tuple[str, torch.Tensor, bool, bool]]]] = []
-        model_keys: set[str] = set()
-        missing_base: list[str] = []
-        seen: set[int] = set()
-        for mod_name, module in model.named_modules():
-            todo = []
-            weight_key = f"{mod_name}.weight" if mod_name else "weight"
-            if weight_key in packed_source:  # the packed tensors stand for the model's weight
-                for reader in readers:
-                    entry = (reader.quantization or {}).get("weights", {}).get(weight_key)
-                    model_keys.update(packed_key(weight_key, n) for n in (entry or {}).get("tensors", []))
-            for name, t, is_param, persistent in _direct_tensors(module):
-                key = f"{mod_name}.{name}" if mod_name else name
-                model_keys.add(key)
-                packed = packed_source.get(key)
-                if packed is not None and key in source and order[id(source[key])] > order[id(packed)]:
-                    packed = None  # a later checkpoint holds it in full precision
-                if packed is not None and not (isinstance(module, QuantLinear) and name == "weight"):
-                    raise ValueError(
-                        f"{key} is stored pre-quantized ({_describe(packed.quantization)}) in {packed.path}, but this "
-                        f"model keeps {mod_name or 'it'} in full precision ({type(module).__name__}). Build with "
-                        "the block list the checkpoint was quantized with, or load the full-precision checkpoint"
-                    )
-                if id(t) in seen or not t.is_meta:
-                    continue
-                seen.add(id(t))
-                todo.append((name, t, is_param, persistent))
-                if packed is not None:
-                    _check_packed(module, key, packed, world_size)
-                    prequant[key] = packed
-                elif key in source:
-                    expected = _expected_full_shape(module, name, t, world_size)
-                    got = tuple(source[key].shape(key))
-                    if got != expected:
-                        raise ValueError(
-                            f"shape mismatch for {key!r} in {source[key].file_of(key)}: the model expects "
-                            f"{list(expected)} (model-parallel size {world_size}) but the checkpoint has {list(got)}"
-                        )
-                elif persistent:
-                    if readers and not allow_missing(module, key):
-                        missing_base.append(key)
-                    elif readers:
-                        report.missing_keys.append(key)
-            if todo:
-                plan.append((mod_name, module, todo))
-        if strict and missing_base:
-            raise KeyError(
-                f"{len(missing_base)} key(s) of the model are in none of the checkpoints "
-                f"{[str(r.path) for r in readers]}: {_short(missing_base, 20)}. "
-                "Check that the checkpoint matches the config (n_layers, names), or pass the missing checkpoint."
-            )
-        report.missing_keys.extend(missing_base)
-        for key in source:
-            if key in model_keys:
-                continue
-            if any(fnmatch.fnmatchcase(key, pattern) for pattern in IGNORED_CHECKPOINT_KEYS):
-                report.ignored_keys.append(key)
-            else:
-                report.unexpected_keys.append(key)
-        if strict and report.unexpected_keys:
-            files = sorted({source[k].file_of(k) for k in report.unexpected_keys})
-            raise KeyError(
-                f"{len(report.unexpected_keys)} key(s) in {files} are not in the model: "
-                f"{_short(report.unexpected_keys, 20)}. Wrong config for this checkpoint? "
-                "(strict=False loads anyway and reports them)"
-            )
-
-        # 2. per module: allocate -> fill from checkpoint or init -> quantize -> release the source.
-        # Full-precision modules first: while one is copied its checkpoint pages are resident too, and the
-        # largest of them (embedding, output head) would otherwise land on top of the finished model.
-        plan.sort(key=lambda item: isinstance(item[1], QuantLinear))
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            for mod_name, module, todo in plan:
-                _materialize_module(
-                    module, mod_name, todo, source, device, seed, rank, world_size, report, prequant=prequant
-                )
-                memory.malloc_trim()
-
-        # 3. verify: nothing left on meta
-        left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-        if left:
-            raise RuntimeError(f"still on meta after materialization: {_short(left, 20)}")
+        sources = _Sources(readers)
+        plans = _plan(model, sources)  # 1. plan: every tensor and where its values come from
+        _check_prequantized(model, readers, world_size)  # 2. validate, before any allocation
+        _validate(plans, sources, world_size=world_size, strict=strict, allow_missing=allow_missing, report=report)
+        _Filler(device, seed, pos.model_parallel_rank, world_size, report).fill(plans)  # 3. fill, module by module
+        _check_nothing_on_meta(model)  # 4. verify
     finally:
         for reader in owned:
             reader.close()
@@ -265,6 +233,119 @@ def materialize_and_load(
     report.peak_device_memory = memory.peak_device_memory(device)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _key(mod_name: str, name: str) -> str:
+    return f"{mod_name}.{name}" if mod_name else name
+
+
+def _plan(model: nn.Module, sources: _Sources) -> list[ModulePlan]:
+    """Every module with the tensors it owns directly, each with its source; no checks, no allocation."""
+    plans = []
+    seen: set[int] = set()  # a tensor shared by several modules is filled once, where it is first seen
+    for mod_name, module in model.named_modules():
+        tensors = []
+        for name, t, is_param, persistent in _direct_tensors(module):
+            key = _key(mod_name, name)
+            full, packed = sources.winner(key)
+            fill = t.is_meta and id(t) not in seen
+            if fill:
+                seen.add(id(t))
+            tensors.append(TensorPlan(name, key, t, is_param, persistent, fill, full, packed))
+        plans.append(ModulePlan(mod_name, module, tensors))
+    return plans
+
+
+def _validate(
+    plans: list[ModulePlan],
+    sources: _Sources,
+    *,
+    world_size: int,
+    strict: bool,
+    allow_missing: Callable[[nn.Module, str], bool],
+    report: LoadReport,
+) -> None:
+    """Per tensor, in model order: pre-quantized only where the model quantizes, packed tensors as the layer needs
+    them, full shapes as the model expects; then missing and unexpected keys (errors under `strict`, else in
+    `report`)."""
+    missing_base: list[str] = []  # missing, and their module does not allow it
+    for mp in plans:
+        for tp in mp.tensors:
+            _check_tensor(mp, tp, world_size)
+            if tp.fill and tp.source is None and tp.packed is None and tp.persistent and sources.readers:
+                (report.missing_keys if allow_missing(mp.module, tp.key) else missing_base).append(tp.key)
+    if strict and missing_base:
+        raise KeyError(
+            f"{len(missing_base)} key(s) of the model are in none of the checkpoints "
+            f"{[str(r.path) for r in sources.readers]}: {_short(missing_base, 20)}. "
+            "Check that the checkpoint matches the config (n_layers, names), or pass the missing checkpoint."
+        )
+    report.missing_keys.extend(missing_base)
+    _sort_unused_keys(plans, sources, report)
+    if strict and report.unexpected_keys:
+        files = sorted({sources.full[k].file_of(k) for k in report.unexpected_keys})
+        raise KeyError(
+            f"{len(report.unexpected_keys)} key(s) in {files} are not in the model: "
+            f"{_short(report.unexpected_keys, 20)}. Wrong config for this checkpoint? "
+            "(strict=False loads anyway and reports them)"
+        )
+
+
+def _check_tensor(mp: ModulePlan, tp: TensorPlan, world_size: int) -> None:
+    if tp.packed is not None and not (isinstance(mp.module, QuantLinear) and tp.name == "weight"):
+        raise ValueError(
+            f"{tp.key} is stored pre-quantized ({_describe(tp.packed.quantization)}) in {tp.packed.path}, "
+            f"but this model keeps {mp.name or 'it'} in full precision ({type(mp.module).__name__}). Build "
+            "with the block list the checkpoint was quantized with, or load the full-precision checkpoint"
+        )
+    if not tp.fill:
+        return
+    if tp.packed is not None:
+        _check_packed(mp.module, tp.key, tp.packed, world_size)
+    elif tp.source is not None:
+        _check_shape(mp.module, tp, world_size)
+
+
+def _sort_unused_keys(plans: list[ModulePlan], sources: _Sources, report: LoadReport) -> None:
+    """Checkpoint keys the model does not read: ignored (it computes them itself) or unexpected."""
+    model_keys = _model_keys(plans, sources)
+    for key in sources.full:
+        if key in model_keys:
+            continue
+        if any(fnmatch.fnmatchcase(key, pattern) for pattern in IGNORED_CHECKPOINT_KEYS):
+            report.ignored_keys.append(key)
+        else:
+            report.unexpected_keys.append(key)
+
+
+def _check_shape(module: nn.Module, tp: TensorPlan, world_size: int) -> None:
+    expected = _expected_full_shape(module, tp.name, tp.tensor, world_size)
+    got = tuple(tp.source.shape(tp.key))
+    if got != expected:
+        raise ValueError(
+            f"shape mismatch for {tp.key!r} in {tp.source.file_of(tp.key)}: the model expects "
+            f"{list(expected)} (model-parallel size {world_size}) but the checkpoint has {list(got)}"
+        )
+
+
+def _model_keys(plans: list[ModulePlan], sources: _Sources) -> set[str]:
+    """The checkpoint keys this model reads: its tensors' keys and, for a weight some checkpoint stores
+    pre-quantized, the packed tensors standing for it (in any checkpoint)."""
+    keys = set()
+    for mp in plans:
+        weight_key = _key(mp.name, "weight")
+        if weight_key in sources.packed:
+            for reader in sources.readers:
+                entry = (reader.quantization or {}).get("weights", {}).get(weight_key)
+                keys.update(packed_key(weight_key, n) for n in (entry or {}).get("tensors", []))
+        keys.update(tp.key for tp in mp.tensors)
+    return keys
+
+
+def _check_nothing_on_meta(model: nn.Module) -> None:
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"still on meta after materialization: {_short(left, 20)}")
 
 
 def _settings(q: dict | None) -> dict | None:
@@ -344,106 +425,135 @@ def _check_packed(module: nn.Module, key: str, reader: CheckpointReader, world_s
             )
 
 
-def _materialize_module(
-    module: nn.Module,
-    mod_name: str,
-    todo: list[tuple[str, torch.Tensor, bool, bool]],
-    source: dict[str, CheckpointReader],
-    device: torch.device,
-    seed: int,
-    rank: int,
-    world_size: int,
-    report: LoadReport,
-    prequant: dict[str, CheckpointReader] | None = None,
-) -> None:
-    def key_of(name: str) -> str:
-        return f"{mod_name}.{name}" if mod_name else name
+@dataclass
+class _Filler:
+    """Step 3: per module, allocate -> fill from its checkpoint or init -> quantize -> release the source."""
 
-    def read(name: str) -> torch.Tensor:
-        key = key_of(name)
-        dim = getattr(module, "shard_dims", {}).get(name)
-        return source[key].read(key, shard_dim=dim, rank=rank, world_size=world_size)
+    device: torch.device
+    seed: int
+    rank: int
+    world_size: int
+    report: LoadReport
 
-    def read_into(name: str, out: torch.Tensor) -> None:  # cast to out's dtype; from the file where it can
-        key = key_of(name)
-        dim = getattr(module, "shard_dims", {}).get(name)
-        source[key].read_into(key, out, shard_dim=dim, rank=rank, world_size=world_size)
+    def fill(self, plans: list[ModulePlan]) -> None:
+        # Full-precision modules first: while one is copied its checkpoint pages are resident too, and the
+        # largest of them (embedding, output head) would otherwise land on top of the finished model.
+        todo = sorted((mp for mp in plans if mp.todo), key=lambda mp: isinstance(mp.module, QuantLinear))
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            for mp in todo:
+                self.fill_one(mp)
+                memory.malloc_trim()
 
-    if isinstance(module, QuantLinear) and any(name == "weight" for name, *_ in todo):
-        # The weight is quantized as it arrives: from the checkpoint slice (possibly an mmap view; copied to
-        # the device chunk by chunk) or from the layer's own full-precision init. From a pre-quantized checkpoint
-        # it arrives packed: this rank's tensors are copied from the mapped file into fresh storage, as they are.
-        key = key_of("weight")
-        if prequant and key in prequant:
-            reader = prequant[key]
-            packed = {}
-            for n, (shape, dtype) in module.packed_layout().items():
-                k = packed_key(key, n)  # this rank's own tensor (saved split on dim 0, one piece per rank)
-                packed[n] = _empty(torch.Size(shape), dtype or reader.dtype(k), device)
-                reader.read_into(k, packed[n], shard_dim=0, rank=rank, world_size=world_size)
-                reader.release(k)
-            module.adopt_packed_(packed, source=f"{reader.path}: {key}")
-            del packed
-            for n, t in module.packed_tensors().items():  # the scales (the codes are integers): small, cheap
-                _check_finite(packed_key(key, n), t)
-            report.loaded += 1
-            report.prequantized += 1
-        elif key in source:
-            module.quantize_weight_(read("weight"), device=device)
-            source[key].release(key)
-            report.loaded += 1
-            report.quantized += 1
+    def fill_one(self, mp: ModulePlan) -> None:
+        """One module's tensors (bench/build_memory.py --trace wraps this to measure each module)."""
+        if isinstance(mp.module, QuantLinear) and mp.planned("weight") is not None:
+            self._fill_quant_linear(mp)
         else:
-            torch.manual_seed(module_seed(seed, key))
-            module.quantize_weight_(module.init_weight(device), device=device)
-            report.initialized += 1
-            report.quantized += 1
-        if any(name == "bias" for name, *_ in todo):  # a plain tensor: from the checkpoint, else zero
-            module.bias = nn.Parameter(_empty(module.bias.shape, module.bias.dtype, device), module.bias.requires_grad)
+            self._fill_module(mp)
+
+    # --- reading this rank's slice
+
+    def _read(self, module: nn.Module, tp: TensorPlan) -> torch.Tensor:
+        """A view where it can be (an mmap slice): the caller releases the pages once it is consumed."""
+        dim = getattr(module, "shard_dims", {}).get(tp.name)
+        return tp.source.read(tp.key, shard_dim=dim, rank=self.rank, world_size=self.world_size)
+
+    def _load_into(self, module: nn.Module, tp: TensorPlan, out: torch.Tensor) -> None:
+        """Into `out`, cast to its dtype (read from the file where it can); then the pages are released."""
+        dim = getattr(module, "shard_dims", {}).get(tp.name)
+        tp.source.read_into(tp.key, out, shard_dim=dim, rank=self.rank, world_size=self.world_size)
+        tp.source.release(tp.key)
+        self.report.loaded += 1
+
+    # --- quantized linears: the weight is quantized as it arrives (or adopted packed), the bias is plain
+
+    def _fill_quant_linear(self, mp: ModulePlan) -> None:
+        # From the checkpoint slice (possibly an mmap view; copied to the device chunk by chunk) or from the
+        # layer's own full-precision init. From a pre-quantized checkpoint it arrives packed.
+        module, weight = mp.module, mp.planned("weight")
+        if weight.packed is not None:
+            self._adopt_packed(module, weight)
+        elif weight.source is not None:
+            module.quantize_weight_(self._read(module, weight), device=self.device)
+            weight.source.release(weight.key)
+            self.report.loaded += 1
+            self.report.quantized += 1
+        else:
+            torch.manual_seed(module_seed(self.seed, weight.key))
+            module.quantize_weight_(module.init_weight(self.device), device=self.device)
+            self.report.initialized += 1
+            self.report.quantized += 1
+        bias = mp.planned("bias")
+        if bias is not None:  # a plain tensor: from the checkpoint, else zero
+            module.bias = nn.Parameter(
+                _empty(module.bias.shape, module.bias.dtype, self.device), module.bias.requires_grad
+            )
             with torch.no_grad():
-                if key_of("bias") in source:
-                    read_into("bias", module.bias)
-                    source[key_of("bias")].release(key_of("bias"))
-                    report.loaded += 1
+                if bias.source is not None:
+                    self._load_into(module, bias, module.bias)
                 else:
                     module.bias.zero_()
-                    report.initialized += 1
-            _check_finite(key_of("bias"), module.bias)
-        return
+                    self.report.initialized += 1
+            _check_finite(bias.key, module.bias)
 
-    # Allocate every meta tensor of this module, then fill.
-    fresh: dict[str, torch.Tensor] = {}
-    for name, t, is_param, _ in todo:
-        new = _empty(t.shape, t.dtype, device)
-        if is_param:
-            module._parameters[name] = nn.Parameter(new, requires_grad=t.requires_grad)
-        else:
-            module._buffers[name] = new
-        fresh[name] = new
-    need_init = [name for name in fresh if key_of(name) not in source]
-    if need_init:
-        init = getattr(module, "reset_parameters", None)
+    def _adopt_packed(self, module: QuantLinear, weight: TensorPlan) -> None:
+        """This rank's packed tensors copied from the mapped file into fresh storage, as they are."""
+        reader, key = weight.packed, weight.key
+        packed = {}
+        for n, (shape, dtype) in module.packed_layout().items():
+            k = packed_key(key, n)  # this rank's own tensor (saved split on dim 0, one piece per rank)
+            packed[n] = _empty(torch.Size(shape), dtype or reader.dtype(k), self.device)
+            reader.read_into(k, packed[n], shard_dim=0, rank=self.rank, world_size=self.world_size)
+            reader.release(k)
+        module.adopt_packed_(packed, source=f"{reader.path}: {key}")
+        del packed
+        for n, t in module.packed_tensors().items():  # the scales (the codes are integers): small, cheap
+            _check_finite(packed_key(key, n), t)
+        self.report.loaded += 1
+        self.report.prequantized += 1
+
+    # --- any other module: allocate its meta tensors, init those no checkpoint has, load the others
+
+    def _fill_module(self, mp: ModulePlan) -> None:
+        fresh = self._allocate(mp)
+        need_init = [tp.name for tp in mp.todo if tp.source is None]
+        if need_init:
+            self._init(mp, need_init, fresh)
+        with torch.no_grad():
+            for tp in mp.todo:
+                t = getattr(mp.module, tp.name)
+                if tp.source is not None:
+                    self._load_into(mp.module, tp, t)
+                _check_finite(tp.key, t)
+
+    def _allocate(self, mp: ModulePlan) -> set[str]:
+        """Fresh uninitialized storage on the device for every planned tensor; returns their names."""
+        for tp in mp.todo:
+            new = _empty(tp.tensor.shape, tp.tensor.dtype, self.device)
+            if tp.is_param:
+                mp.module._parameters[tp.name] = nn.Parameter(new, requires_grad=tp.tensor.requires_grad)
+            else:
+                mp.module._buffers[tp.name] = new
+        return {tp.name for tp in mp.todo}
+
+    def _init(self, mp: ModulePlan, need_init: list[str], fresh: set[str]) -> None:
+        """The module's reset_parameters, seeded by the module's name."""
+        init = getattr(mp.module, "reset_parameters", None)
         if init is None:
             raise TypeError(
-                f"{type(module).__name__} ({mod_name or 'root'}) has tensors {need_init} that no checkpoint "
+                f"{type(mp.module).__name__} ({mp.name or 'root'}) has tensors {need_init} that no checkpoint "
                 "provides and no reset_parameters() to initialize them; give the class a reset_parameters() that "
                 "initializes exactly the tensors it owns"
             )
         # reset_parameters initializes all of the module's own tensors: keep the ones that were already real.
         keep = {
-            name: t.detach().clone() for name, t, *_ in _direct_tensors(module) if name not in fresh and not t.is_meta
+            name: t.detach().clone()
+            for name, t, *_ in _direct_tensors(mp.module)
+            if name not in fresh and not t.is_meta
         }
-        torch.manual_seed(module_seed(seed, mod_name))
+        torch.manual_seed(module_seed(self.seed, mp.name))
         with torch.no_grad():
             init()
             for name, value in keep.items():
-                getattr(module, name).copy_(value)
-        report.initialized += len(need_init)
-    with torch.no_grad():
-        for name in fresh:
-            key, t = key_of(name), getattr(module, name)
-            if key in source:
-                read_into(name, t)
-                source[key].release(key)
-                report.loaded += 1
-            _check_finite(key, t)
+                getattr(mp.module, name).copy_(value)
+        self.report.initialized += len(need_init)

@@ -42,11 +42,6 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
-def rss_bytes() -> int:
-    kib = _status_kib("VmRSS")
-    return kib * 1024 if kib is not None else 0
-
-
 def peak_rss_bytes() -> int:
     """Peak RSS since the start or the last reset_peak_rss()."""
     kib = _status_kib("VmHWM")

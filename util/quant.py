@@ -132,9 +132,14 @@ def quantize_4bit_chunked(
         absmax, state2 = bnbF.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
         nested = {"offset": offset, "state2": state2}
     state = bnbF.QuantState(
-        absmax=absmax, shape=torch.Size((rows, cols)), dtype=dtype, blocksize=bs, code=code,
-        quant_type=spec.quant_type, **nested,
-    )  # fmt: skip
+        absmax=absmax,
+        shape=torch.Size((rows, cols)),
+        dtype=dtype,
+        blocksize=bs,
+        code=code,
+        quant_type=spec.quant_type,
+        **nested,
+    )
     return packed, state
 
 
@@ -186,8 +191,11 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features  # full sizes
         self.spec, self.style = spec, style
         self.gather_output, self.input_is_parallel = gather_output, input_is_parallel
-        self.shard_dims = {None: {"weight": None, "bias": None}, "column": {"weight": 0, "bias": 0},
-                           "row": {"weight": 1, "bias": None}}[style]  # fmt: skip
+        self.shard_dims = {
+            None: {"weight": None, "bias": None},
+            "column": {"weight": 0, "bias": 0},
+            "row": {"weight": 1, "bias": None},
+        }[style]
         # The full-precision dtype the weight stands for (dequantization target; checkpoint values cast to it).
         self.weight_dtype = dtype or torch.get_default_dtype()
         # Always a meta placeholder: storage arrives packed, so never allocate the full-precision shape here.
@@ -233,10 +241,14 @@ class QuantLinear(nn.Module):
 
     def _install_4bit(self, packed: torch.Tensor, state: bnbF.QuantState) -> None:
         self.weight = Params4bit(
-            packed, requires_grad=False, quant_state=state, blocksize=self.spec.blocksize,
-            compress_statistics=self.spec.compress_statistics, quant_type=self.spec.quant_type,
+            packed,
+            requires_grad=False,
+            quant_state=state,
+            blocksize=self.spec.blocksize,
+            compress_statistics=self.spec.compress_statistics,
+            quant_type=self.spec.quant_type,
             bnb_quantized=True,
-        )  # fmt: skip
+        )
 
     def _install_8bit(self, cb: torch.Tensor, scb: torch.Tensor) -> None:
         self.weight = Int8Params(cb, requires_grad=False, has_fp16_weights=False)
@@ -256,8 +268,13 @@ class QuantLinear(nn.Module):
     def settings_of(s: QuantSpec) -> dict:
         if s.bits == 8:
             return {"mode": s.name, "bits": 8}
-        out = {"mode": s.name, "bits": 4, "quant_type": s.quant_type, "blocksize": s.blocksize,
-               "compress_statistics": s.compress_statistics}  # fmt: skip
+        out = {
+            "mode": s.name,
+            "bits": 4,
+            "quant_type": s.quant_type,
+            "blocksize": s.blocksize,
+            "compress_statistics": s.compress_statistics,
+        }
         if s.compress_statistics:
             out["nested_blocksize"] = NESTED_BLOCKSIZE
         return out
@@ -313,17 +330,10 @@ class QuantLinear(nn.Module):
             )
         out = {"packed": self.weight.data, "absmax": qs.absmax, "quant_map": qs.code}
         if qs.nested:
-            out.update(nested_absmax=qs.state2.absmax, nested_quant_map=qs.state2.code,
-                       nested_offset=qs.offset.reshape(1))  # fmt: skip
+            out.update(
+                nested_absmax=qs.state2.absmax, nested_quant_map=qs.state2.code, nested_offset=qs.offset.reshape(1)
+            )
         return out
-
-    def load_packed_(self, tensors: dict[str, torch.Tensor], *, device: torch.device | str, source: str = "") -> None:
-        """Adopt a weight quantized earlier (what `packed_tensors` gave, e.g. mmap views of a saved checkpoint): no
-        quantization. Each tensor is copied into fresh storage on `device`; the sources are not kept."""
-        self._check_packed(tensors, source)
-        device = torch.device(device)
-        own = {n: torch.empty(t.shape, dtype=t.dtype, device=device).copy_(t) for n, t in tensors.items()}
-        self.adopt_packed_(own, source=source)
 
     def adopt_packed_(self, tensors: dict[str, torch.Tensor], *, source: str = "") -> None:
         """Install `tensors` (named as `packed_layout` says, all on one device) as this layer's quantized weight,
@@ -338,13 +348,22 @@ class QuantLinear(nn.Module):
         offset = state2 = None
         if self.spec.compress_statistics:  # as bitsandbytes.functional.quantize_blockwise builds it
             offset = tensors["nested_offset"].reshape(())
-            state2 = bnbF.QuantState(absmax=tensors["nested_absmax"], code=tensors["nested_quant_map"],
-                                     blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)  # fmt: skip
+            state2 = bnbF.QuantState(
+                absmax=tensors["nested_absmax"],
+                code=tensors["nested_quant_map"],
+                blocksize=NESTED_BLOCKSIZE,
+                dtype=torch.float32,
+            )
         state = bnbF.QuantState(
-            absmax=tensors["absmax"], shape=torch.Size(self.local_shape), dtype=self.weight_dtype,
-            blocksize=self.spec.blocksize, code=tensors["quant_map"], quant_type=self.spec.quant_type,
-            offset=offset, state2=state2,
-        )  # fmt: skip
+            absmax=tensors["absmax"],
+            shape=torch.Size(self.local_shape),
+            dtype=self.weight_dtype,
+            blocksize=self.spec.blocksize,
+            code=tensors["quant_map"],
+            quant_type=self.spec.quant_type,
+            offset=offset,
+            state2=state2,
+        )
         self._install_4bit(tensors["packed"], state)
 
     def _check_packed(self, tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -368,9 +387,12 @@ class QuantLinear(nn.Module):
         """The full-precision init this layer would have unquantized (same values for the same RNG state)."""
         w = torch.empty(self.local_shape, dtype=torch.float32, device=device)
         return init_sharded_(
-            w, linear_weight_fill(self.in_features), shard_dim=self.shard_dims["weight"],
-            rank=mp_rank() if self.style else 0, world_size=mp_world_size() if self.style else 1,
-        )  # fmt: skip
+            w,
+            linear_weight_fill(self.in_features),
+            shard_dim=self.shard_dims["weight"],
+            rank=mp_rank() if self.style else 0,
+            world_size=mp_world_size() if self.style else 1,
+        )
 
     def reset_parameters(self) -> None:
         device = self.bias.device if self.bias is not None and not self.bias.is_meta else None
@@ -384,7 +406,9 @@ class QuantLinear(nn.Module):
                 self.bias.zero_()
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The full-precision weight the kernels compute with (for tests, merging, and export)."""
+        """The full-precision weight the kernels compute with: the reference tests hold the quantized matmul to.
+        Nothing in the library reads it: merge_lora and the full-precision writers (save_model, export_meta) refuse
+        quantized models instead of dequantizing them."""
         if self.spec.bits == 4:
             return bnbF.dequantize_4bit(self.weight.data, self.weight.quant_state)
         return (self.state.CB.float() * self.state.SCB[:, None] / 127).to(self.weight_dtype)

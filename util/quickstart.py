@@ -67,8 +67,9 @@ def _all_threads():
         torch.set_num_threads(before)
 
 
-def prepare_quickstart(out_dir: str | Path = QUICKSTART_DIR, *, data_config: str | Path = DATA_CONFIG,
-                       pretrain_steps: int | None = None) -> QuickstartInputs:  # fmt: skip
+def prepare_quickstart(
+    out_dir: str | Path = QUICKSTART_DIR, *, data_config: str | Path = DATA_CONFIG, pretrain_steps: int | None = None
+) -> QuickstartInputs:
     """Make the tokenizer and base if missing (rank 0; the other ranks wait). Call before init_distributed's
     model-parallel groups exist: the base is built and trained unsharded by rank 0 alone."""
     if position().model_parallel_size > 1:
@@ -104,13 +105,20 @@ def pretrain_base(out: Path, tokenizer_path: Path, sources, *, steps: int, marke
     args = preset("tiny", vocab_size=vocab)
     log.info("quickstart: pre-training a tiny base (%d steps) -> %s", steps, out)
     model, _ = build_model(args, None, dtype=torch.float32, seed=PRETRAIN["seed"])
-    dataset = InstructionDataset(sources, tokenizer_path, max_words=args.max_seq_len, seed=PRETRAIN["seed"],
-                                 plain=True)  # fmt: skip
+    dataset = InstructionDataset(sources, tokenizer_path, max_words=args.max_seq_len, seed=PRETRAIN["seed"], plain=True)
     cfg = TrainConfig(
-        output_dir=out.parent / "pretrain", batch_size=PRETRAIN["batch_size"], lr=PRETRAIN["lr"],
-        min_lr=PRETRAIN["min_lr"], warmup_iters=PRETRAIN["warmup_iters"], max_iters=max(1, steps), clip_grad=1.0,
-        save_interval=0, seed=PRETRAIN["seed"], tensorboard=False, weight_decay=0.0,
-    )  # fmt: skip
+        output_dir=out.parent / "pretrain",
+        batch_size=PRETRAIN["batch_size"],
+        lr=PRETRAIN["lr"],
+        min_lr=PRETRAIN["min_lr"],
+        warmup_iters=PRETRAIN["warmup_iters"],
+        max_iters=max(1, steps),
+        clip_grad=1.0,
+        save_interval=0,
+        seed=PRETRAIN["seed"],
+        tensorboard=False,
+        weight_decay=0.0,
+    )
     losses = Trainer(model, args, dataset, cfg).fit()
     log.info("quickstart: base loss %.3f -> %.3f", losses[0], losses[-1])
     tmp = out.with_name(f".tmp-{out.name}")

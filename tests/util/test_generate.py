@@ -4,7 +4,7 @@ crafted logits, seeded reproducibility, streaming text with stop strings, and fi
 import pytest
 import torch
 
-from tests.helpers import write_tiny_checkpoint
+from tests.helpers import greedy_generate, write_tiny_checkpoint
 from tests.multiprocess import run_multiprocess
 from util.build import build_model
 from util.dist import init_distributed
@@ -18,7 +18,6 @@ from util.generate import (
     filter_top_p,
     fit_prompt,
     generate,
-    greedy_generate,
     next_tokens,
     stream_text,
 )

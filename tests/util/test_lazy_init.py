@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -224,6 +226,28 @@ def test_wrong_shape_names_key_file_expected_and_got(ckpt, tmp_path):
         ValueError, match=r"'tok_embeddings\.weight' in .*consolidated\.00\.pth.*\[512, 128\].*\[512, 64\]"
     ):
         build_model(args.replace(dim=128, n_heads=8, n_kv_heads=4), [tmp_path], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("problem", ["shape", "missing", "unexpected"])
+def test_a_checkpoint_that_fails_validation_allocates_nothing(ckpt, tmp_path, monkeypatch, problem):
+    # Every check runs before the first allocation: a mistake in the last layer costs no memory and no time.
+    args, sd, _ = ckpt
+    last = f"layers.{args.n_layers - 1}.feed_forward.w2.weight"
+    bad, named = dict(sd), last
+    if problem == "shape":
+        bad[last] = sd[last][:, :-1].clone()
+    elif problem == "missing":
+        del bad[last]
+    else:
+        named = "layers.9.feed_forward.w2.weight"
+        bad[named] = sd[last]
+    write_meta_checkpoint(tmp_path, bad, params=params_of(args))
+    allocated = []
+    monkeypatch.setattr(lazy_init, "_empty", lambda *a: allocated.append(a) or torch.empty(*a))
+    model = _meta_model(args, quant="4bit")
+    with pytest.raises((ValueError, KeyError), match=re.escape(named)):
+        materialize_and_load(model, [tmp_path])
+    assert allocated == [] and all(t.is_meta for t in model.state_dict().values())
 
 
 def test_nan_in_checkpoint_is_caught(ckpt, tmp_path):

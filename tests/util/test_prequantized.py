@@ -93,8 +93,9 @@ def test_round_trip_is_bitwise_and_quantizes_nothing(ckpt, tmp_path, monkeypatch
     if adapters:  # the loaded model trains: gradients reach the adapters through the packed base
         loaded.train()
         loaded(TOKENS).float().square().mean().backward()
-        assert all(p.grad is not None and torch.isfinite(p.grad).all() for n, p in loaded.named_parameters()
-                   if p.requires_grad)  # fmt: skip
+        assert all(
+            p.grad is not None and torch.isfinite(p.grad).all() for n, p in loaded.named_parameters() if p.requires_grad
+        )
 
 
 def test_files_and_recorded_settings(nf4_dir, ckpt):
@@ -103,8 +104,12 @@ def test_files_and_recorded_settings(nf4_dir, ckpt):
     index = json.loads((out / "lazyllama.json").read_text())
     q = index["quantization"]
     assert {k: q[k] for k in ("mode", "bits", "quant_type", "blocksize", "compress_statistics")} == {
-        "mode": "4bit", "bits": 4, "quant_type": "nf4", "blocksize": 64, "compress_statistics": True,
-    }  # fmt: skip
+        "mode": "4bit",
+        "bits": 4,
+        "quant_type": "nf4",
+        "blocksize": 64,
+        "compress_statistics": True,
+    }
     assert q["model_parallel_size"] == 1 and q["nested_blocksize"] == 256 and q["dtype"] == "bfloat16"
     wq, wo = q["weights"]["layers.0.attention.wq.weight"], q["weights"]["layers.1.attention.wo.weight"]
     assert (wq["shard_dim"], wo["shard_dim"]) == (0, 1) and wq["shape"] == [64, 64]
@@ -269,8 +274,9 @@ def test_model_parallel_2_round_trip_and_size_mismatch(ckpt, tmp_path):
         assert torch.equal(loaded, built) and torch.equal(r1[quant][1], built), quant
         assert quantized == 0 and prequantized == N_QUANT and r1[quant][2] == 0
     assert sorted(p.name for p in outs[0].glob("*.safetensors")) == [
-        "consolidated.00.safetensors", "consolidated.01.safetensors",
-    ]  # fmt: skip
+        "consolidated.00.safetensors",
+        "consolidated.01.safetensors",
+    ]
     assert json.loads((outs[0] / "lazyllama.json").read_text())["quantization"]["model_parallel_size"] == 2
     # at size 1 the packed rank shards cannot be used: say what to do
     mismatch = r"at model-parallel size 2; this build asks for .* at model-parallel size 1"
