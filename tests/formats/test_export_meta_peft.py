@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from util.build import build_model
 from util.checkpoint import CheckpointError, open_checkpoint, save_checkpoint
 from util.checkpoint.modules import META_PARAMS_KEYS, meta_params
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
@@ -29,7 +32,11 @@ def test_meta_export_has_meta_keys_only_and_reloads_exactly(base, delta, export)
     params = json.loads((out / "params.json").read_text())
     assert set(params) <= set(META_PARAMS_KEYS), set(params) - set(META_PARAMS_KEYS)
     assert params["rope_theta"] == 500000.0 and params["n_kv_heads"] == 2
-    assert json.loads((out / "extra_params.json").read_text()) == {"max_seq_len": 128}
+    assert json.loads((out / "extra_params.json").read_text()) == {
+        "max_seq_len": 128,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
     assert (out / "tokenizer.model").is_file()
     model, report = build_model(None, [out], dtype=torch.float32)
     assert not any(isinstance(m, LoRA) for m in model.modules())  # no fresh adapters from the config
@@ -104,3 +111,25 @@ def test_peft_export_without_lora_is_refused(base, fmt_dir):
     with pytest.raises(CheckpointError, match="no LoRA"):
         convert([base[2]], to="peft", out=fmt_dir / "no-lora")
     assert not (fmt_dir / "no-lora").exists()
+
+
+def test_tied_model_gets_its_own_output_matrix_in_meta(tied_base, export):
+    tied_hf = export("hf-tied", [tied_base[2]], to="hf", dtype="float32")
+    model, _ = build_model(None, [tied_hf], dtype=torch.float32)
+    assert model.args.tie_word_embeddings and model.output is None  # the head is the embedding
+    out = export("meta-from-tied", [tied_hf], to="meta", dtype="float32")
+    with open_checkpoint(out) as r:
+        assert torch.equal(r.read("output.weight"), r.read("tok_embeddings.weight"))
+    torch.testing.assert_close(our_logits([out]), our_logits([tied_base[2]]), rtol=0, atol=0)
+
+
+def test_llama3_scaling_other_than_metas_is_refused_for_meta(tmp_path):
+    from util.export import convert
+
+    src = tmp_path / "l3"
+    import make_llama3_like
+
+    shape = ["--dim", "64", "--n_layers", "1", "--n_heads", "4", "--n_kv_heads", "2", "--intermediate_size", "96"]
+    assert make_llama3_like.main(["--out", str(src), "--head_dim", "16", *shape]) == 0
+    with pytest.raises(CheckpointError, match="rope_scaling=.*use_scaled_rope"):
+        convert([src], to="meta", out=tmp_path / "meta")

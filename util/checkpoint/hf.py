@@ -39,8 +39,7 @@ from util.checkpoint.reader import (
     unknown_file_type,
 )
 from util.checkpoint.safetensors import SafetensorsFile, WriteItem, dtype_name, write_safetensors
-from util.hf_config import hf_config_to_params
-
+from util.hf_config import hf_config_to_params, params_to_hf_fields
 
 # The transformer-block projections (what HF quantizes: every nn.Linear except lm_head)
 _PROJECTION = re.compile(r"layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight")
@@ -215,29 +214,6 @@ FORMAT = CheckpointFormat(
 )
 
 
-def _rope_and_token_fields(params: Mapping[str, Any]) -> dict[str, Any]:
-    """config.json's RoPE / head_dim / tying / token-id fields for a ModelArgs-named config."""
-    try:  # the config reader's own inverse, where it exists (RoPE scaling, head_dim, tied embeddings, token ids)
-        from util.hf_config import params_to_hf_fields
-    except ImportError:
-        params_to_hf_fields = None
-    if params_to_hf_fields is not None:
-        return params_to_hf_fields(params)
-    for key in ("rope_scaling", "use_scaled_rope", "head_size"):
-        if params.get(key):
-            raise CheckpointError(
-                f"write_hf_checkpoint: {key}={params[key]!r} needs util/hf_config.py (RoPE scaling / head_dim support)"
-            )
-    fields = {
-        "rope_theta": float(params.get("rope_theta", 10000.0)),
-        "max_position_embeddings": params.get("max_seq_len", 2048),
-        "head_dim": params["dim"] // params["n_heads"],
-        "tie_word_embeddings": bool(params.get("tie_word_embeddings", False)),
-    }
-    fields.update({k: params[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if params.get(k) is not None})
-    return fields
-
-
 def hf_config(params: Mapping[str, Any], *, vocab_size: int, dtype: str) -> dict[str, Any]:
     """A complete LlamaForCausalLM config.json for a ModelArgs-named config (what write_hf_checkpoint writes)."""
     n_heads = params["n_heads"]
@@ -255,7 +231,7 @@ def hf_config(params: Mapping[str, Any], *, vocab_size: int, dtype: str) -> dict
         "attention_bias": False,
         "mlp_bias": False,
         "torch_dtype": dtype,
-        **_rope_and_token_fields(params),
+        **params_to_hf_fields(params),  # RoPE theta and scaling, head_dim, tying, token ids
     }
 
 

@@ -330,6 +330,13 @@ def export_meta(model: torch.nn.Module, out_dir: str | Path, *, params: dict[str
             f"export_meta({out_dir}): Meta's format has no place for {extra[:6]}{' ...' if len(extra) > 6 else ''}; "
             "merge LoRA first (model.peft.merge_lora) and export models without adapters or tuning biases"
         )
+    if "output.weight" not in tensors and "tok_embeddings.weight" in tensors:
+        if dims.get("tok_embeddings.weight") is not None and pos.model_parallel_size > 1:
+            raise CheckpointError(
+                f"export_meta({out_dir}): the output head is tied to the embedding, and Meta's format needs its own "
+                "output.weight (split by rows, the embedding by columns): export at model-parallel size 1"
+            )
+        tensors["output.weight"] = tensors["tok_embeddings.weight"]  # Meta's format always has its own head
     w1 = next((k for k in tensors if k.endswith("feed_forward.w1.weight")), None)
     hidden = None
     if w1 is not None:

@@ -175,14 +175,16 @@ def _write(
                 hf_params[key] = value
         write_hf_checkpoint(out, tensors, params=hf_params, quantize=quantize, quantization_config=qconfig)
         tokenizer.write_hf(out, max_seq_len=int(params.get("max_seq_len", 2048)))
-        generation = {k: hf_params[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_params}
+        ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+        generation = {k: hf_params[k] for k in ids if hf_params.get(k) is not None}
         write_json(out / "generation_config.json", generation)
     elif to == "meta":
         w1 = tensors["layers.0.feed_forward.w1.weight"]
         meta, extra = meta_params(params, hidden_dim=w1.shape[0])
-        write_meta_checkpoint(
-            out, {k: v for k, v in tensors.items() if k != "rope.freqs"}, params=meta, num_shards=shards
-        )
+        weights = {k: v for k, v in tensors.items() if k != "rope.freqs"}
+        if "output.weight" not in weights:  # a tied head: Meta's format always has its own output matrix
+            weights["output.weight"] = weights["tok_embeddings.weight"]
+        write_meta_checkpoint(out, weights, params=meta, num_shards=shards)
         if extra:
             write_json(out / EXTRA_PARAMS_FILE, extra)
         if tokenizer is not None:
