@@ -30,14 +30,9 @@ from util.checkpoint import write_hf_checkpoint  # noqa: E402
 from util.checkpoint.files import publish_dir, write_json  # noqa: E402
 from util.export.tokenizer import tokenizer_export  # noqa: E402
 
-# Llama 3.1 / 3.2's RoPE scaling as their config.json states it
-LLAMA3_ROPE_SCALING = {
-    "rope_type": "llama3",
-    "factor": 32.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
+# Llama 3.2's RoPE scaling as its config.json states it, except the original context: theirs is 8192 of 131072
+# positions; here it is a quarter of --max_seq_len (transformers wants it below max_position_embeddings).
+LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
 
 
 def bundled_texts() -> list[str]:
@@ -96,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head_dim", type=int, default=32)
     p.add_argument("--intermediate_size", type=int, default=768)
     p.add_argument("--vocab_size", type=int, default=512, help="tokenizer pieces (the embedding has this many rows)")
-    p.add_argument("--max_seq_len", type=int, default=2048, help="max_position_embeddings")
+    p.add_argument("--max_seq_len", type=int, default=4096, help="max_position_embeddings")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
 
@@ -119,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         config.update(
             head_dim=a.head_dim,
             rope_theta=500000.0,
-            rope_scaling=dict(LLAMA3_ROPE_SCALING),
+            rope_scaling={**LLAMA3_ROPE_SCALING, "original_max_position_embeddings": a.max_seq_len // 4},
             max_position_embeddings=a.max_seq_len,
             tie_word_embeddings=True,
             bos_token_id=tok.bos_id,
