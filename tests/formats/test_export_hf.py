@@ -62,12 +62,21 @@ def test_hf_tokenizer_gives_our_token_ids(base, export):
         assert theirs.decode(ours.encode(s), skip_special_tokens=True) == s
 
 
-def test_hf_tokenizer_known_difference_leading_space(base, export):
-    """transformers' Llama tokenizer adds no "▁" before text that starts with a space; sentencepiece does."""
+def test_hf_tokenizer_matches_on_random_text_and_leading_spaces(base, export):
+    """transformers' LlamaTokenizer class would add no "▁" before text that starts with a space; the exported
+    tokenizer.json keeps sentencepiece's pipeline, so these match too."""
+    import random
+
     out = export("hf-base", [base[2]], to="hf", dtype="float32")
     theirs = transformers.AutoTokenizer.from_pretrained(out)
     ours = Tokenizer(out / "tokenizer.model")
-    assert theirs(" leading")["input_ids"] != ours.encode(" leading", bos=True)
+    rng = random.Random(0)
+    alphabet = list("abcdefghij klmnopqrstuvwxyz  \n\tÜñ日🙂<>/s.,!0123456789")
+    strings = [" leading", "  two spaces", " \n"]
+    strings += ["".join(rng.choices(alphabet, k=rng.randint(0, 40))) for _ in range(300)]
+    for s in strings:
+        assert theirs(s)["input_ids"] == ours.encode(s, bos=True), repr(s)
+        assert theirs.decode(ours.encode(s), skip_special_tokens=True) == s, repr(s)
 
 
 def test_tied_embeddings_are_written_once(tied_base, export):
@@ -120,3 +129,32 @@ def test_hf_4bit_export_loads_packed_in_transformers(base, export):
         ours.eval()
         our = ours(tokens()).float()
     assert (hf_logits - our).abs().max() < 0.05 * our.abs().max()
+
+
+def test_unigram_sentencepiece_exports_with_equal_ids(tmp_path):
+    import random
+
+    import sentencepiece as spm
+
+    from tests.formats.conftest import TEXTS
+    from util.export.tokenizer import tokenizer_export
+
+    spm.SentencePieceTrainer.Train(
+        sentence_iterator=iter(TEXTS), model_prefix=str(tmp_path / "tokenizer"), vocab_size=360,
+        model_type="unigram", character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        hard_vocab_limit=False, normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2,
+    )  # fmt: skip
+    out = tmp_path / "hf"
+    out.mkdir()
+    tokenizer_export(tmp_path / "tokenizer.model").write_hf(out, max_seq_len=64)
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    ours = Tokenizer(tmp_path / "tokenizer.model")
+    rng = random.Random(1)
+    alphabet = list("abcdefghij klmnopqrstuvwxyz  \nÜñ🙂<>/.,!0123456789")
+    # Known difference: in a unigram model "<s>" is a piece, and text spelling it out ("<s>") is matched to it by
+    # tokenizers' lattice (sentencepiece never matches control pieces in text). Llama's tokenizers are BPE.
+    strings = [s for s in STRINGS if "<s>" not in s and "</s>" not in s and "<unk>" not in s]
+    for s in strings + ["".join(rng.choices(alphabet, k=rng.randint(0, 40))) for _ in range(200)]:
+        if "<s>" in s or "</s>" in s:
+            continue
+        assert theirs(s)["input_ids"] == ours.encode(s, bos=True), repr(s)

@@ -81,13 +81,13 @@ class SentencePieceExport(TokenizerExport):
 
     def write_hf(self, out_dir: Path, *, max_seq_len: int) -> None:
         self.check_plain_text()
-        # transformers builds its fast tokenizer from tokenizer.model (the same conversion it applies to Meta's
-        # LLaMA tokenizers); the config says which class and which special tokens, that sentences start with
-        # bos as our encode(bos=True) does, and that "<s>" in text is text (as sentencepiece encodes it). legacy:
-        # spaces become "▁" before pieces are matched, as sentencepiece does. One known difference remains,
-        # transformers' own: text that starts with a space gets no extra "▁" prefix there (sentencepiece adds it).
+        # tokenizer.json: sentencepiece's own pipeline in the `tokenizers` library, so AutoTokenizer gives the ids
+        # this model was trained on. (transformers' LlamaTokenizer class would rebuild it with a Metaspace
+        # pre-tokenizer, which adds no "▁" before text that starts with a space: other ids there.)
+        # tokenizer.model is kept for sentencepiece users.
         if not (out_dir / "tokenizer.model").exists() or not (out_dir / "tokenizer.model").samefile(self.path):
             shutil.copyfile(self.path, out_dir / "tokenizer.model")
+        self._hf_tokenizer().save(str(out_dir / "tokenizer.json"))
         special = {
             name: piece
             for name, piece in (
@@ -99,19 +99,74 @@ class SentencePieceExport(TokenizerExport):
             if piece is not None
         }
         config: dict[str, Any] = {
-            "tokenizer_class": "LlamaTokenizer",
+            "tokenizer_class": "PreTrainedTokenizerFast",
             **special,
             "add_bos_token": self.bos_id is not None,
             "add_eos_token": False,
-            "legacy": True,
-            "add_prefix_space": None,
             "clean_up_tokenization_spaces": False,
             "model_max_length": max_seq_len,
-            "sp_model_kwargs": {},
-            "split_special_tokens": True,
+            "split_special_tokens": True,  # "<s>" in text is text, as sentencepiece encodes it
         }
         write_json(out_dir / "tokenizer_config.json", config)
         write_json(out_dir / "special_tokens_map.json", special)
+
+    def _proto(self) -> Any:
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self.sp.serialized_model_proto())
+        return proto
+
+    def _hf_tokenizer(self) -> Any:
+        """sentencepiece's encoding as a `tokenizers` pipeline: spaces to "▁" (and one in front, sentencepiece's
+        dummy prefix), then its BPE merges or unigram scores with byte fallback; bos in front."""
+        from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+        proto = self._proto()
+        n = self.sp.GetPieceSize()
+        pieces = [self.sp.IdToPiece(i) for i in range(n)]
+        unk = self._piece(self.unk_id)
+        if proto.trainer_spec.model_type == 2:  # BPE: the merges are implied by the pieces, ranked by score
+            vocab = {p: i for i, p in enumerate(pieces)}
+            merges = []
+            for i, piece in enumerate(pieces):
+                if not (self.sp.IsControl(i) or self.sp.IsUnknown(i) or self.sp.IsByte(i)):
+                    for k in range(1, len(piece)):
+                        left, right = piece[:k], piece[k:]
+                        if left in vocab and right in vocab:
+                            merges.append((-self.sp.GetScore(i), vocab[left], vocab[right], left, right))
+            merges.sort()
+            model = models.BPE(
+                vocab=vocab, merges=[(m[3], m[4]) for m in merges], unk_token=unk, fuse_unk=True, byte_fallback=True
+            )
+        elif proto.trainer_spec.model_type == 1:  # unigram: pieces with their log probabilities
+            # control pieces ("<s>") are never matched in text by sentencepiece: a score no path would pick
+            never = [self.sp.IsControl(i) or self.sp.IsUnknown(i) for i in range(n)]
+            scores = [(p, -1e9 if never[i] else float(self.sp.GetScore(i))) for i, p in enumerate(pieces)]
+            model = models.Unigram(scores, unk_id=self.unk_id, byte_fallback=True)
+        else:
+            raise ValueError(f"{self.path}: sentencepiece model type {proto.trainer_spec.model_type} (not BPE or "
+                             "unigram) cannot be exported to Hugging Face")  # fmt: skip
+        tok = Tokenizer(model)
+        steps = [normalizers.Replace(" ", "▁")]
+        if proto.normalizer_spec.add_dummy_prefix:
+            steps.insert(0, normalizers.Prepend("▁"))
+        tok.normalizer = normalizers.Sequence(steps)
+        tok.pre_tokenizer = None
+        decode = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        if proto.normalizer_spec.add_dummy_prefix:
+            decode.append(decoders.Strip(" ", 1, 0))
+        tok.decoder = decoders.Sequence(decode)
+        tok.add_special_tokens(
+            [AddedToken(pieces[i], special=True, normalized=False) for i in range(n) if self.sp.IsControl(i)]
+            + ([AddedToken(unk, special=True, normalized=False)] if unk is not None else [])
+        )
+        if self.bos_id is not None:
+            bos = pieces[self.bos_id]
+            tok.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, self.bos_id)]
+            )
+        return tok
 
     def gguf_vocab(self, vocab_size: int) -> GGUFVocab:
         self.check_plain_text()
