@@ -16,6 +16,7 @@ from util.export import convert
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO))
 import convert as convert_script  # noqa: E402
 
 
@@ -75,3 +76,29 @@ def test_hf_export_needs_a_tokenizer(fmt_dir, base, tmp_path):
     with pytest.raises(ValueError, match="--tokenizer_path"):
         convert([bare], to="hf", out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def finetune_env(tmp_path_factory):
+    from tests.finetune_env import make_env
+
+    return make_env(tmp_path_factory.mktemp("ft"))
+
+
+def test_main_finetune_exports_after_training(finetune_env, tmp_path):
+    import main_finetune
+
+    out = tmp_path / "run"
+    res = main_finetune.main(finetune_env.argv(out, "--max_iters", "2", "--export", "peft", "meta"))
+    assert (out / "export-peft" / "adapter_model.safetensors").is_file()
+    exported, trained = our_logits([out / "export-meta"]), our_logits([finetune_env.base, res.final_dir])
+    assert (exported - trained).abs().max() < 0.01 * trained.abs().max()  # bf16 weights (convert's default dtype)
+
+
+def test_main_finetune_refuses_an_unexportable_tokenizer_before_training(finetune_env, tmp_path):
+    import main_finetune
+
+    # util.tokenizer.train_tokenizer's models normalize text (sentencepiece's default): not for hf / gguf
+    with pytest.raises(ValueError, match="normalizes text"):
+        main_finetune.main(finetune_env.argv(tmp_path / "run", "--max_iters", "2", "--export", "hf"))
+    assert not (tmp_path / "run" / "final").exists()

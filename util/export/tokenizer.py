@@ -39,6 +39,9 @@ class TokenizerExport:
     bos_id: int | None
     eos_id: int | None
 
+    def check_plain_text(self) -> None:
+        """Raise if Hugging Face or llama.cpp would tokenize text differently from this tokenizer."""
+
     def write_hf(self, out_dir: Path, *, max_seq_len: int) -> None:
         """The tokenizer files of a Hugging Face model directory (AutoTokenizer.from_pretrained reads them)."""
         raise NotImplementedError
