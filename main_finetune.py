@@ -29,6 +29,8 @@ from util.build import build_model, model_config, open_checkpoints
 from util.cli import process_groups, run, save_quantized_for_reuse, setup_logging
 from util.data import InstructionDataset, load_data_config
 from util.dist import DistInfo, init_distributed, init_process_group
+from util.export import convert
+from util.export.tokenizer import tokenizer_export
 from util.quickstart import DATA_CONFIG, QUICKSTART_DIR, prepare_quickstart
 from util.tokenizer import Tokenizer
 from util.train import PRECISIONS, TrainConfig, Trainer, config_from, resolve_resume
@@ -133,6 +135,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     o.add_argument("--log_interval", type=int, help="log every N optimizer steps (default 1)")
     o.add_argument("--no_tensorboard", dest="tensorboard", action="store_false")
     o.add_argument("--pretrain_steps", type=int, help="quickstart only: steps to pre-train the tiny base on first use")
+    o.add_argument(
+        "--export",
+        nargs="+",
+        default=[],
+        choices=["hf", "meta", "peft", "gguf"],
+        help="after training, export the base + final/ to <output_dir>/export-<format> as scripts/convert.py does "
+        "(one process only)",
+    )
     return p
 
 
@@ -215,6 +225,7 @@ def main(argv: list[str] | None = None) -> FinetuneResult:
         if opts.quickstart:
             opts = with_quickstart_inputs(opts)
         info = init_distributed(opts.model_parallel_size)
+        check_export(opts, info)
         device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         output_dir = Path(opts.output_dir)
         precision = opts.precision or ("bf16" if device.type == "cuda" else "fp32")
@@ -246,7 +257,21 @@ def main(argv: list[str] | None = None) -> FinetuneResult:
         final = trainer.save_final(output_dir / "final", tokenizer.path)
         if info.is_main:
             print_summary(opts, trainer, final, losses, quant)
+        for fmt in opts.export:
+            sources = [*opts.pretrained_path, final] if trainer.only_save_trainable else [final]
+            out = convert(sources, to=fmt, out=output_dir / f"export-{fmt}", tokenizer_path=tokenizer_path)
+            print(f"exported to {out}")
         return FinetuneResult(final, losses, trainer.module, args, [*map(Path, opts.pretrained_path), *resume])
+
+
+def check_export(opts: argparse.Namespace, info: DistInfo) -> None:
+    """--export's problems before training, not after it: several processes, a tokenizer the formats cannot take."""
+    if not opts.export:
+        return
+    if info.world_size > 1:
+        raise ValueError("--export runs in a single process: run scripts/convert.py on the base and final/ afterwards")
+    if {"hf", "gguf"} & set(opts.export) and opts.tokenizer_path:
+        tokenizer_export(opts.tokenizer_path).check_plain_text()
 
 
 def log_plan(trainer: Trainer, examples: int, info: DistInfo) -> None:
