@@ -473,12 +473,12 @@ class GroupGradScaler(torch.amp.GradScaler):
         # GradScaler's per-optimizer record of the overflow flags, one per device (torch's ShardedGradScaler reads
         # it the same way). One reduction per rank whatever it holds, so that every rank makes the same calls.
         found = self._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
-        flag = torch.zeros(1, dtype=torch.float32, device=self._scale.device)
+        flag = torch.zeros((), dtype=torch.float32, device=self._scale.device)
         for f in found.values():
-            flag = torch.maximum(flag, f.to(flag.device))
+            flag = torch.maximum(flag, f.to(flag.device).reshape(()))
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         for f in found.values():
-            f.copy_(flag)
+            f.copy_(flag.reshape(f.shape))
 
 
 # ----------------------------------------------------------------------------------------------------
