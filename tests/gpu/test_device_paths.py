@@ -214,6 +214,7 @@ fi
         ({"NGPUS": "4", "CUDA_VISIBLE_DEVICES": "0"}, None, "n=4"),  # the user's choice wins
         ({}, None, "n=1"),  # no nvidia-smi: a CPU machine, one process
     ],
+    ids=["visible-list", "visible-list-cut-at-minus-1", "smi-gpus-not-mig", "NGPUS-wins", "no-smi"],
 )
 def test_gpu_count(tmp_path, env, smi, expected):
     proc = _gpu_count(tmp_path, smi, **env)
@@ -228,6 +229,7 @@ def test_gpu_count(tmp_path, env, smi, expected):
         ({}, "#!/bin/bash\nexit 0\n", "nvidia-smi lists no GPU"),
         ({"NGPUS": "two"}, None, "NGPUS must be a positive integer"),
     ],
+    ids=["empty-visible-list", "smi-fails", "smi-lists-nothing", "bad-NGPUS"],
 )
 def test_no_gpu_is_an_error_never_a_silent_zero(tmp_path, env, smi, message):
     proc = _gpu_count(tmp_path, smi, **env)
