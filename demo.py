@@ -144,20 +144,23 @@ class Group:
     """Rank 0 decides (reads input, takes web requests) and shares each request with the other ranks, which all
     generate with it; a single process shares with nobody."""
 
-    def __init__(self, model_parallel_size: int) -> None:
+    def __init__(self, model_parallel_size: int, backend: str | None = None) -> None:
         self.rank, self.world_size = 0, 1
         if model_parallel_size > 1 or "RANK" in os.environ:
             import torch.distributed as dist
 
-            from util.dist import init_distributed
+            from util.dist import control_group, init_distributed
 
-            info = init_distributed(model_parallel_size)
+            info = init_distributed(model_parallel_size, backend=backend)
             if info.world_size != model_parallel_size:
                 raise ValueError(
                     f"demo.py serves one model: launch exactly --model_parallel_size={model_parallel_size} "
                     f"processes (torchrun --nproc_per_node {model_parallel_size}), not {info.world_size}"
                 )
             self.rank, self.world_size, self._dist = info.rank, info.world_size, dist
+            # Requests go over gloo with a long timeout: the other ranks wait in it while rank 0 waits for a
+            # person, and NCCL's watchdog would abort that wait after 10 minutes.
+            self._control = control_group()
 
     @property
     def is_main(self) -> bool:
@@ -167,7 +170,7 @@ class Group:
         if self.world_size == 1:
             return obj
         box = [obj]
-        self._dist.broadcast_object_list(box, src=0)
+        self._dist.broadcast_object_list(box, src=0, group=self._control)
         return box[0]
 
 
@@ -255,9 +258,9 @@ def run_follower(chat, group: Group) -> int:
     while (request := group.share(None)) is not None:
         try:
             reply = answer(chat, request)
+            reply.close()  # generates: a request decode refuses raises here, before any collective step
         except ValueError:
-            continue  # rank 0 refused it too
-        reply.close()
+            continue  # rank 0 refused it too, and waits for the next request
     return 0
 
 
@@ -265,15 +268,15 @@ def main(argv: list[str] | None = None) -> int:
     opts = resolve_paths(parse_args(argv))  # before the heavy imports: a missing model is reported at once
     import logging
 
-    import torch
-
     from util.cli import process_groups, setup_logging
+    from util.dist import local_device
     from util.generate import Chat
 
     setup_logging(logging.WARNING)
     with process_groups():
-        group = Group(opts.model_parallel_size)
-        device = opts.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+        # --device cpu on a GPU machine: gloo, since nccl cannot carry CPU tensors
+        group = Group(opts.model_parallel_size, backend="gloo" if (opts.device or "").startswith("cpu") else None)
+        device = opts.device or str(local_device())  # this rank's GPU among the visible ones, else the CPU
 
         def log(msg: str) -> None:  # status lines go to stderr so that --prompt's stdout is only the answer
             if group.is_main:

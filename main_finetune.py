@@ -28,7 +28,7 @@ from model.peft import uses_peft
 from util.build import build_model, model_config, open_checkpoints
 from util.cli import process_groups, run, save_quantized_for_reuse, setup_logging
 from util.data import InstructionDataset, load_data_config
-from util.dist import DistInfo, init_distributed, init_process_group
+from util.dist import DistInfo, init_distributed, init_process_group, local_device
 from util.export import convert
 from util.export.tokenizer import tokenizer_export
 from util.quickstart import DATA_CONFIG, QUICKSTART_DIR, prepare_quickstart
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> FinetuneResult:
             opts = with_quickstart_inputs(opts)
         info = init_distributed(opts.model_parallel_size)
         check_export(opts, info)
-        device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        device = local_device()  # this rank's GPU (nccl), else the CPU
         output_dir = Path(opts.output_dir)
         precision = opts.precision or ("bf16" if device.type == "cuda" else "fp32")
         cfg = config_from(opts, output_dir=output_dir, precision=precision)
