@@ -49,7 +49,9 @@ def fresh():
 
 
 def _linears(model):
-    return [(n, m) for n, m in model.named_modules() if type(m).__name__ in ("ColumnParallelLinear", "RowParallelLinear")]
+    return [
+        (n, m) for n, m in model.named_modules() if type(m).__name__ in ("ColumnParallelLinear", "RowParallelLinear")
+    ]
 
 
 def test_each_linear_is_uniform_with_its_fan_in_bound(fresh):

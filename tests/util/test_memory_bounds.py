@@ -81,8 +81,7 @@ def _assert_bounded(m: dict, what: str) -> None:
     growth = m["peak"] - m["bare"]
     mib = lambda n: f"{n / 2**20:.0f} MiB"  # noqa: E731
     assert growth <= m["model_bytes"] + SLACK, (
-        f"{what}: grew {mib(growth)} over the bare process for a model of {mib(m['model_bytes'])} "
-        f"(slack {mib(SLACK)})"
+        f"{what}: grew {mib(growth)} over the bare process for a model of {mib(m['model_bytes'])} (slack {mib(SLACK)})"
     )
 
 
