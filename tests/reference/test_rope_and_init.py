@@ -87,3 +87,22 @@ def test_no_two_modules_share_init_values(fresh):
     for (na, a), (nb, b) in itertools.combinations(tensors.items(), 2):
         corr = torch.corrcoef(torch.stack([a[:n], b[:n]]))[0, 1]
         assert abs(float(corr)) < 0.1, (na, nb, float(corr))
+
+
+def test_quantized_linears_get_their_own_init_too():
+    """A 4-bit build from init quantizes each linear's own seeded init: no two share a random stream either."""
+    from model.args import ModelArgs
+    from util.quant import QuantLinear, quantize_model
+
+    args = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1024, ffn_hidden_dim=512, max_seq_len=64)
+    with meta_init(torch.float32):
+        model = Transformer(args)
+    quantize_model(model, "4bit")
+    materialize_and_load(model, None, seed=0)
+    weights = {
+        n: m.dequantized_weight().float().flatten() for n, m in model.named_modules() if isinstance(m, QuantLinear)
+    }
+    assert len(weights) == 2 * 7
+    n = min(w.numel() for w in weights.values())
+    for (na, a), (nb, b) in itertools.combinations(weights.items(), 2):
+        assert abs(float(torch.corrcoef(torch.stack([a[:n], b[:n]]))[0, 1])) < 0.1, (na, nb)

@@ -93,6 +93,7 @@ def _assert_bounded(m: dict, what: str) -> None:
         ("full-precision load", "bf16", "none"),
         ("pre-quantized load", "nf4", "4bit"),
     ],
+    ids=["arrival-from-bf16", "arrival-from-init", "full-precision", "prequantized"],
 )
 def test_building_grows_by_the_model_bytes_and_a_slack(checkpoints, flow, source, quant):
     m = _child("build", ckpts=[checkpoints / source] if source else [], quant=quant)
