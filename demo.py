@@ -29,13 +29,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model (no arguments: the bundled fine-tuning default in out/quickstart)")
     m.add_argument("--llama_config", nargs="+", type=Path, help="JSON config(s), merged in order (later wins)")
-    m.add_argument("--tokenizer_path", type=Path, help="sentencepiece tokenizer.model (or a folder holding one)")
+    m.add_argument(
+        "--tokenizer_path", type=Path,
+        help="tokenizer.model (sentencepiece or Llama 3's tiktoken), tokenizer.json, or a folder holding one",
+    )  # fmt: skip
     m.add_argument("--pretrained_path", nargs="+", type=Path, help="checkpoint(s) loaded in order: base, deltas")
     m.add_argument("--quant", default="4bit", choices=["none", "4bit", "4bit_fp4", "8bit"])
     m.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     m.add_argument("--device", default=None, help="default: cuda (this rank's GPU) if available, else cpu")
     m.add_argument("--model_parallel_size", type=int, default=1, help="launch with torchrun --nproc_per_node N")
     m.add_argument("--raw", action="store_true", help="no chat template and no history (a base model)")
+    m.add_argument(
+        "--chat_format", default="auto", choices=["auto", "lazyllama", "llama2", "llama3"],
+        help="auto: from the tokenizer (its chat template; Llama 3's header tokens), else this project's template",
+    )  # fmt: skip
     s = p.add_argument_group("sampling (the web page has its own controls)")
     s.add_argument("--max_new_tokens", type=int, default=None, help="default: 128, at most a quarter of the context")
     s.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
@@ -82,10 +89,11 @@ def resolve_paths(opts: argparse.Namespace) -> argparse.Namespace:
                 "or point at a model: --llama_config params.json --tokenizer_path tokenizer.model "
                 "--pretrained_path CHECKPOINT"
             )
-    if opts.tokenizer_path is None:  # Meta and HF checkpoints ship tokenizer.model next to the weights
-        found = [p / "tokenizer.model" for p in opts.pretrained_path or [] if (p / "tokenizer.model").is_file()]
+    if opts.tokenizer_path is None:  # Meta and HF checkpoints ship tokenizer.model / tokenizer.json with the weights
+        names = ("tokenizer.json", "tokenizer.model")
+        found = [p for p in opts.pretrained_path or [] if any((p / n).is_file() for n in names)]
         if not found:
-            raise ValueError("no tokenizer: pass --tokenizer_path tokenizer.model")
+            raise ValueError("no tokenizer: pass --tokenizer_path tokenizer.model (or tokenizer.json)")
         opts.tokenizer_path = found[0]
     if opts.llama_config is None and not opts.pretrained_path:
         raise ValueError(
@@ -276,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
             opts.max_new_tokens = min(128, model.args.max_seq_len // 4)
         sampling(opts)  # bad sampling values are reported before the chat starts
         images = image_of(opts.image, model)
-        chat = Chat(model, tokenizer, raw=opts.raw)
+        chat = Chat(model, tokenizer, raw=opts.raw, chat_format=opts.chat_format)
+        if chat.format is not None:
+            log(f"chat format: {chat.format.name} (tokenizer {tokenizer.kind}: {tokenizer.path})")
         if opts.prompt is not None:
             return run_prompt(chat, group, opts, log, images)
         if not opts.web:

@@ -74,7 +74,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model")
     m.add_argument("--llama_config", nargs="+", default=[], help="JSON config(s) merged over the checkpoints' config")
-    m.add_argument("--tokenizer_path", help="sentencepiece tokenizer.model, or a directory holding one")
+    m.add_argument(
+        "--tokenizer_path",
+        help="tokenizer.model (sentencepiece or Llama 3's tiktoken), tokenizer.json, or a directory holding one",
+    )
+    m.add_argument(
+        "--chat_format", default="auto", choices=["auto", "lazyllama", "llama2", "llama3"],
+        help="prompt format of the data (auto: from the tokenizer); demo.py takes the same option",
+    )  # fmt: skip
     m.add_argument("--pretrained_path", nargs="+", default=[], help="checkpoint(s) loaded in order (base, deltas)")
     m.add_argument("--pretrained_format", default="auto", choices=["auto", "meta", "hf", "lazyllama"])
     m.add_argument("--quant", choices=["none", "4bit", "4bit_fp4", "8bit"], help="base quantization (default none)")
@@ -165,7 +172,15 @@ def load_data(opts: argparse.Namespace, args: ModelArgs, tokenizer: Tokenizer) -
     if max_words < opts.max_words:
         log.info("max_words %d -> %d (the model's max_seq_len)", opts.max_words, max_words)
     sources = load_data_config(opts.data_config)
-    dataset = InstructionDataset(sources, tokenizer.path, max_words=max_words, seed=opts.seed, strict=opts.strict_data)
+    dataset = InstructionDataset(
+        sources,
+        tokenizer.path,
+        max_words=max_words,
+        seed=opts.seed,
+        strict=opts.strict_data,
+        chat_format=opts.chat_format,
+    )
+    log.info("chat format: %s (tokenizer %s: %s)", dataset.format.name, tokenizer.kind, tokenizer.path)
     if dataset.has_images and not args.visual_backbone:
         raise ValueError(
             "image_conversation data needs a model with a visual backbone: add a visual config (visual_backbone, "
@@ -207,7 +222,7 @@ def main(argv: list[str] | None = None) -> FinetuneResult:
         resume = [resolve_resume(opts.resume, output_dir)] if opts.resume else []
         tokenizer_path = opts.tokenizer_path or (opts.pretrained_path[0] if opts.pretrained_path else None)
         if tokenizer_path is None:
-            raise ValueError("no tokenizer: give --tokenizer_path (a sentencepiece tokenizer.model)")
+            raise ValueError("no tokenizer: give --tokenizer_path (a tokenizer.model or tokenizer.json)")
         tokenizer = Tokenizer(tokenizer_path)
 
         # each checkpoint opened once: the config, then the build (base(s), then the checkpoint resumed from)

@@ -4,9 +4,9 @@
     python bench/build_memory.py --shape 7B --flows lazy,floor --repeat 3
     python bench/build_memory.py --shape tiny                      # smoke test, a few seconds
 
-1. A synthetic bf16 checkpoint of the shape (random normal std 0.02, norms ones) is written once in Hugging Face
-   format, tensor by tensor in ~2 GB shards, under --ckpt-dir (default /tmp/lazyllama-bench/<shape>); a marker
-   file written last makes later runs reuse it. Every flow reads this same checkpoint.
+1. The synthetic bf16 checkpoint of the shape (bench/harness.py: random normal std 0.02, norms ones, Hugging Face
+   format) is written once under --ckpt-dir (default /tmp/lazyllama-bench/<shape>) and reused while its marker
+   matches. Every flow reads this same checkpoint.
 2. Each flow runs in its own fresh process (`--child FLOW`), which prints one JSON line: build wall time (after
    imports), peak RSS (VmHWM), the model's tensor bytes (quantized sizes), and logits of a tiny forward pass
    (not timed) that proves the model works and lets the flows be compared with each other.
@@ -18,250 +18,49 @@
 3. A markdown table (flow | peak RSS | x floor | wall | note) is printed and saved with the raw JSON under
    bench/results/.
 
-The parent never imports torch: it stays small, watches each child's RSS (killing it past --rss-cap-gib, so
-neither the parent nor the rest of the machine meets the OOM killer) and reports a child's exit status.
+The parent never imports torch; bench/harness.py runs the children, kills one past --rss-cap-gib and reports how
+a child ended.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from harness import (
+    GIB,
+    Clock,
+    Session,
+    child_floor,
+    cli_args,
+    emit,
+    fmt_gib,
+    hf_from_pretrained_kwargs,
+    hf_not_installed,
+    hwm,
+    keep_peak_counter,
+    median_range,
+    n_params,
+    reset_hwm,
+    rss,
+    warm_page_cache,
+)
 
-from model.args import ModelArgs, preset  # noqa: E402  (stdlib only: the parent stays torch-free)
+from model.args import ModelArgs, preset
 
-GIB = 1 << 30
-RESULT_TAG = "BENCH_JSON "
-MARKER = "BENCH_COMPLETE.json"
-MARKER_VERSION = 1
-SHARD_BYTES = 2 * 10**9  # ~2 GB per safetensors file
 ALL_FLOWS = ("lazy", "naive", "hf", "floor")
 FORWARD_TOKENS = 8
 LOGITS_KEPT = 64  # logits of the last position kept in the JSON to compare flows
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# small helpers (no torch)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _proc_status_kib(field: str, pid: int | str = "self") -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def rss(pid: int | str = "self") -> int:
-    return (_proc_status_kib("VmRSS", pid) or 0) * 1024
-
-
-def hwm(pid: int | str = "self") -> int:
-    return (_proc_status_kib("VmHWM", pid) or 0) * 1024
-
-
-def reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def cpu_seconds() -> float:
-    """This process's user + system CPU time."""
-    t = os.times()
-    return t.user + t.system
-
-
-def steal_seconds() -> float:
-    """Machine-wide CPU time stolen by the hypervisor (all CPUs), from /proc/stat; 0 where unknown."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-class Clock:
-    """Wall time, this process's CPU time and the machine's stolen time of one stage (noisy neighbours show)."""
-
-    def __init__(self) -> None:
-        self.wall, self.cpu, self.steal = time.perf_counter(), cpu_seconds(), steal_seconds()
-
-    def stop(self) -> dict:
-        return {
-            "wall_s": time.perf_counter() - self.wall,
-            "cpu_s": cpu_seconds() - self.cpu,
-            "steal_s": steal_seconds() - self.steal,
-            "loadavg": os.getloadavg()[0],
-        }
-
-
-def meminfo_bytes(field: str) -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def shape_params(args: ModelArgs) -> dict:
-    """The params a checkpoint of this shape carries (Meta's params.json names; write_hf_checkpoint maps them)."""
-    return {
-        "dim": args.dim,
-        "n_layers": args.n_layers,
-        "n_heads": args.n_heads,
-        "n_kv_heads": args.n_kv_heads,
-        "vocab_size": args.vocab_size,
-        "multiple_of": args.multiple_of,
-        "ffn_dim_multiplier": args.ffn_dim_multiplier,
-        "ffn_hidden_dim": args.hidden_dim,
-        "norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta,
-        "max_seq_len": args.max_seq_len,
-    }
-
-
-def tensor_shapes(args: ModelArgs) -> list[tuple[str, tuple[int, ...]]]:
-    """(Meta name, shape) of every tensor of a LLaMA checkpoint of this shape, in Meta's order."""
-    hd, d, hidden = args.head_dim, args.dim, args.hidden_dim
-    out: list[tuple[str, tuple[int, ...]]] = [("tok_embeddings.weight", (args.vocab_size, d))]
-    for i in range(args.n_layers):
-        p = f"layers.{i}."
-        out += [
-            (p + "attention.wq.weight", (args.n_heads * hd, d)),
-            (p + "attention.wk.weight", (args.n_kv_heads * hd, d)),
-            (p + "attention.wv.weight", (args.n_kv_heads * hd, d)),
-            (p + "attention.wo.weight", (d, args.n_heads * hd)),
-            (p + "feed_forward.w1.weight", (hidden, d)),
-            (p + "feed_forward.w2.weight", (d, hidden)),
-            (p + "feed_forward.w3.weight", (hidden, d)),
-            (p + "attention_norm.weight", (d,)),
-            (p + "ffn_norm.weight", (d,)),
-        ]
-    out += [("norm.weight", (d,)), ("output.weight", (args.vocab_size, d))]
-    return out
-
-
-def n_params(args: ModelArgs) -> int:
-    total = 0
-    for _, shape in tensor_shapes(args):
-        n = 1
-        for s in shape:
-            n *= s
-        total += n
-    return total
 
 
 def naive_estimate_bytes(args: ModelArgs) -> int:
     """Peak of the naive flow: the bf16 model and the bf16 state dict coexist (2 + 2 bytes per parameter),
     plus the interpreter with torch and bitsandbytes (~0.4 GiB)."""
     return 4 * n_params(args) + int(0.4 * GIB)
-
-
-def fmt_gib(n: float) -> str:
-    return f"{n / GIB:.2f}"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the checkpoint
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def checkpoint_is_complete(ckpt: Path, params: dict) -> bool:
-    marker = ckpt / MARKER
-    if not marker.is_file():
-        return False
-    try:
-        info = json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    if info.get("version") != MARKER_VERSION or info.get("params") != params or info.get("dtype") != "bfloat16":
-        return False
-    for name, size in info.get("files", {}).items():
-        f = ckpt / name
-        if not f.is_file() or f.stat().st_size != size:
-            return False
-    return True
-
-
-def prepare_checkpoint_dir(ckpt: Path) -> None:
-    """Make `ckpt` ready for a fresh write: remove what an interrupted write of ours left; refuse anything else."""
-    if not ckpt.exists():
-        ckpt.mkdir(parents=True)
-        return
-    ours = [p for p in ckpt.iterdir() if p.name.endswith((".safetensors", ".json", ".tmp"))]
-    foreign = [p for p in ckpt.iterdir() if p not in ours]
-    if foreign:
-        raise SystemExit(
-            f"{ckpt} holds files this bench did not write ({', '.join(p.name for p in foreign[:5])}); "
-            "pass an empty or new --ckpt-dir"
-        )
-    for p in ours:
-        p.unlink()
-
-
-def child_write(ckpt: Path, shape: str, seed: int) -> dict:
-    import torch
-
-    from util.checkpoint import write_hf_checkpoint
-
-    args = preset(shape)
-    params = shape_params(args)
-
-    def tensors():
-        for i, (key, shp) in enumerate(tensor_shapes(args)):
-            if len(shp) == 1:  # RMSNorm weights
-                yield key, torch.ones(shp, dtype=torch.bfloat16)
-            else:
-                g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-                yield key, torch.empty(shp, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=g)
-
-    t0 = time.perf_counter()
-    write_hf_checkpoint(ckpt, tensors(), params=params, max_shard_bytes=SHARD_BYTES)
-    seconds = time.perf_counter() - t0
-    files = {p.name: p.stat().st_size for p in sorted(ckpt.iterdir()) if p.is_file() and p.name != MARKER}
-    info = {
-        "version": MARKER_VERSION,
-        "shape": shape,
-        "params": params,
-        "dtype": "bfloat16",
-        "seed": seed,
-        "n_params": n_params(args),
-        "files": files,
-        "write_seconds": round(seconds, 2),
-    }
-    tmp = ckpt / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, ckpt / MARKER)  # last: its presence means the checkpoint is complete
-    return {"flow": "write", "wall_s": seconds, "peak_rss": hwm(), "bytes": sum(files.values()), "files": len(files)}
-
-
-def warm_page_cache(ckpt: Path) -> None:
-    """Read the checkpoint once so every flow starts with it in the page cache (not counted in any RSS)."""
-    buf = bytearray(16 << 20)
-    for f in sorted(ckpt.glob("*.safetensors")):
-        with open(f, "rb", buffering=0) as fh:
-            while fh.readinto(buf):
-                pass
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -293,39 +92,29 @@ def _model_bytes(model) -> int:
     return tensor_bytes(model)
 
 
-def child_floor(ckpt: Path, quant: str, trace: bool) -> dict:
-    import bitsandbytes  # noqa: F401
-    import torch  # noqa: F401
-
-    return {"rss_after_imports": rss(), "peak_rss": hwm()}
-
-
 def child_lazy(ckpt: Path, quant: str, trace: bool) -> dict:
     import bitsandbytes  # noqa: F401
     import torch
 
     import util.lazy_init as lazy_init
-    from util import memory
     from util.build import build_model
 
     after_imports = {"rss_after_imports": rss(), "hwm_after_imports": hwm()}
-    # materialize_and_load resets the kernel's peak counter to report its own stage; the bench wants the whole
-    # process's peak (same as every other flow), so keep the counter running.
-    memory.reset_peak_rss = lambda: False
+    keep_peak_counter()
     modules: list[dict] = []
     if trace:  # per module: RSS after it, and its own peak (the counter is read, then reset, around each module)
-        original = lazy_init._materialize_module
+        original = lazy_init._Filler.fill_one
         state = {"peak": 0}
 
-        def traced(module, mod_name, *a, **kw):
+        def traced(filler, plan):
             state["peak"] = max(state["peak"], hwm())
             reset_hwm()
-            original(module, mod_name, *a, **kw)
+            original(filler, plan)
             peak_in = hwm()
             state["peak"] = max(state["peak"], peak_in)
-            modules.append({"module": mod_name, "rss_after": rss(), "peak_in": peak_in})
+            modules.append({"module": plan.name, "rss_after": rss(), "peak_in": peak_in})
 
-        lazy_init._materialize_module = traced
+        lazy_init._Filler.fill_one = traced
 
     args = None
     visual = os.environ.get("LAZYLLAMA_BENCH_VISUAL")
@@ -404,38 +193,20 @@ def child_naive(ckpt: Path, quant: str, trace: bool) -> dict:
 def child_hf(ckpt: Path, quant: str, trace: bool) -> dict:
     try:
         import transformers
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+        from transformers import AutoModelForCausalLM
     except ImportError as e:
-        return {"status": "not installed", "error": f"transformers is not importable ({e}); "
-                "pip install -r bench/requirements.txt"}  # fmt: skip
+        return hf_not_installed(e)
     import bitsandbytes as bnb
     import torch
 
-    if quant not in ("4bit", "4bit_fp4", "8bit"):
-        return {"status": "unsupported", "error": f"no HF equivalent for quant={quant!r}"}
-    if quant == "8bit":
-        qconfig = BitsAndBytesConfig(load_in_8bit=True)
-    else:
-        qconfig = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4" if quant == "4bit" else "fp4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-    major = int(transformers.__version__.split(".")[0])
-    # transformers 5 renamed torch_dtype to dtype (the old name warns) and always loads with low memory
-    # (low_cpu_mem_usage is accepted and ignored); 4.x needs the old names.
-    dtype_kw = {"dtype": torch.bfloat16} if major >= 5 else {"torch_dtype": torch.bfloat16}
+    try:
+        kwargs = hf_from_pretrained_kwargs(quant)
+    except ValueError as e:
+        return {"status": "unsupported", "error": str(e)}
     after_imports = {"rss_after_imports": rss(), "hwm_after_imports": hwm()}
     clock = Clock()
-    model = AutoModelForCausalLM.from_pretrained(
-        str(ckpt),
-        quantization_config=qconfig,
-        low_cpu_mem_usage=True,
-        device_map="cpu",
-        local_files_only=True,
-        **dtype_kw,
-    )
+    # transformers 5 always loads with low memory (low_cpu_mem_usage is accepted and ignored); 4.x needs it.
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), low_cpu_mem_usage=True, device_map="cpu", **kwargs)
     timing = clock.stop()
     out = {
         **after_imports,
@@ -459,92 +230,12 @@ def child_hf(ckpt: Path, quant: str, trace: bool) -> dict:
     return out
 
 
-CHILDREN = {"floor": child_floor, "lazy": child_lazy, "naive": child_naive, "hf": child_hf}
-
-
-def run_child_main(opts: argparse.Namespace) -> None:
-    if opts.child == "write":
-        result = child_write(Path(opts.ckpt_dir), opts.shape, opts.seed)
-    else:
-        result = {"flow": opts.child, **CHILDREN[opts.child](Path(opts.ckpt_dir), opts.quant, opts.trace)}
-    print(RESULT_TAG + json.dumps(result), flush=True)
+CHILDREN = {"lazy": child_lazy, "naive": child_naive, "hf": child_hf}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the parent: run children, watch their memory, tabulate
+# the parent: run children, tabulate
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def spawn(child: str, opts: argparse.Namespace, ckpt: Path, log_dir: Path, tag: str, cap: int) -> dict:
-    """Run one child to completion; returns its JSON record, or a record saying how it failed."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", child, "--shape", opts.shape,
-           "--ckpt-dir", str(ckpt), "--quant", opts.quant, "--seed", str(opts.seed)]  # fmt: skip
-    if opts.trace and child == "lazy":
-        cmd.append("--trace")
-    env = dict(os.environ)
-    if opts.visual:  # the multimodal build: the lazy child adds this backbone (random weights, built real)
-        env["LAZYLLAMA_BENCH_VISUAL"] = opts.visual
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    out_path, err_path = log_dir / f"{tag}.stdout", log_dir / f"{tag}.stderr"
-    digest = sources_digest()
-    sampled_peak, killed_at = 0, None
-    start = time.perf_counter()
-    with open(out_path, "w") as out_f, open(err_path, "w") as err_f:
-        proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=env, cwd=str(REPO))
-        try:
-            while proc.poll() is None:
-                now = rss(proc.pid)
-                sampled_peak = max(sampled_peak, now)
-                if now > cap and killed_at is None:
-                    killed_at = now
-                    proc.send_signal(signal.SIGKILL)
-                elif opts.timeout and time.perf_counter() - start > opts.timeout and killed_at is None:
-                    killed_at = -1
-                    proc.send_signal(signal.SIGKILL)
-                time.sleep(0.05)
-        except KeyboardInterrupt:
-            proc.kill()
-            proc.wait()
-            raise
-    elapsed = time.perf_counter() - start
-    rc = proc.returncode
-    record: dict | None = None
-    for line in out_path.read_text().splitlines():
-        if line.startswith(RESULT_TAG):
-            record = json.loads(line[len(RESULT_TAG) :])
-    if record is None or rc != 0:
-        tail = err_path.read_text()[-3000:]
-        if killed_at == -1:
-            why = f"killed after --timeout {opts.timeout} s"
-        elif killed_at is not None:
-            why = f"killed by the bench at RSS {fmt_gib(killed_at)} GiB (--rss-cap-gib {fmt_gib(cap)})"
-        elif rc == -signal.SIGKILL:
-            why = "killed by SIGKILL (the kernel's OOM killer?)"
-        else:
-            why = f"exit status {rc}"
-        if rc != 0 and f"exit status {rc}" not in why:
-            why += f" (exit status {rc})"
-        last = [ln for ln in tail.strip().splitlines() if ln.strip()][-1:]  # usually the exception
-        if last and rc not in (0, -signal.SIGKILL):
-            why += f": {last[0].strip()[:300]}"
-        record = {"flow": child, "status": "failed", "rc": rc, "error": why, "stderr_tail": tail}
-    record.setdefault("status", "ok")
-    record["rc"] = rc
-    record["sampled_peak_rss"] = sampled_peak
-    record["process_s"] = elapsed
-    record["sources_sha256"] = digest if digest == sources_digest() else f"{digest}->{sources_digest()} (edited)"
-    return record
-
-
-def _median_range(values: list[float], fmt: str) -> str:
-    if not values:
-        return "-"
-    med = statistics.median(values)
-    if len(values) == 1:
-        return format(med, fmt)
-    return f"{format(med, fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
 
 
 def tabulate(records: list[dict], shape: str, quant: str) -> tuple[str, dict]:
@@ -588,7 +279,7 @@ def tabulate(records: list[dict], shape: str, quant: str) -> tuple[str, dict]:
             summary[flow] = {"peak_rss": statistics.median(peaks), "wall_s": statistics.median(walls)}
             notes.append(f"model {fmt_gib(statistics.median(r['model_bytes'] for r in good))} GiB")
             if all("cpu_s" in r for r in good):
-                notes.append(f"CPU {_median_range([r['cpu_s'] for r in good], '.1f')} s")
+                notes.append(f"CPU {median_range([r['cpu_s'] for r in good], '.1f')} s")
                 steal = max(r.get("steal_s", 0.0) for r in good)
                 if steal >= 1.0:
                     notes.append(f"up to {steal:.0f} s stolen by the hypervisor")
@@ -597,6 +288,7 @@ def tabulate(records: list[dict], shape: str, quant: str) -> tuple[str, dict]:
                 notes.append(f"n={len(good)}")
             if not all(r.get("forward_ok") for r in good):
                 notes.append("FORWARD NOT FINITE")
+            notes += sorted({r["warning"] for r in good if r.get("warning")})
             if ref_logits and flow != "lazy" and good[0].get("logits_last"):
                 diff = max(abs(a - b) for a, b in zip(good[0]["logits_last"], ref_logits))
                 notes.append(
@@ -614,9 +306,9 @@ def tabulate(records: list[dict], shape: str, quant: str) -> tuple[str, dict]:
         for r in rs:
             if r.get("status") != "ok":
                 notes.append(f"{r.get('status')}: {r.get('error', '')}".strip())
-        peak_s = _median_range([p / GIB for p in peaks], ".2f")
-        ratio_s = _median_range([p / floor for p in peaks], ".2f") if floor and peaks else "-"
-        wall_s = _median_range(walls, ".1f")
+        peak_s = median_range([p / GIB for p in peaks], ".2f")
+        ratio_s = median_range([p / floor for p in peaks], ".2f") if floor and peaks else "-"
+        wall_s = median_range(walls, ".1f")
         lines.append(f"| {flow} | {peak_s} | {ratio_s} | {wall_s} | {'; '.join(notes)} |")
 
     digests = sorted({r["sources_sha256"] for r in records if r.get("sources_sha256")})
@@ -642,58 +334,6 @@ def tabulate(records: list[dict], shape: str, quant: str) -> tuple[str, dict]:
     return "\n".join(lines), summary
 
 
-def machine_info() -> dict:
-    info = {
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "mem_total_gib": round(meminfo_bytes("MemTotal") / GIB, 2),
-        "kernel": platform.release(),
-    }
-    try:
-        from importlib.metadata import version
-
-        for pkg in ("torch", "bitsandbytes", "transformers", "accelerate", "safetensors"):
-            try:
-                info[pkg] = version(pkg)
-            except Exception:
-                info[pkg] = None
-    except ImportError:
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
-    except OSError:
-        pass
-    return info
-
-
-def sources_digest() -> str:
-    """A digest of the working tree's model/ and util/ sources (tells apart runs made while they were edited)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for f in sorted([*REPO.glob("model/**/*.py"), *REPO.glob("util/**/*.py")]):
-        digest.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes())
-    return digest.hexdigest()[:12]
-
-
-def code_state() -> dict:
-    """Which library code was measured: the commit, the edited files and their digest (read-only git calls)."""
-
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.rstrip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    dirty = [ln[3:] for ln in git("status", "--porcelain", "--", "model", "util").splitlines()]
-    return {
-        "commit": git("rev-parse", "--short", "HEAD").strip(),
-        "dirty": dirty,
-        "sources_sha256": sources_digest(),
-    }
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--shape", default="tiny", help="model.args preset: tiny, 1.1B, 7B, 13B, 70B (default tiny)")
@@ -703,21 +343,21 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1, help="processes per flow (median and range are reported)")
     ap.add_argument("--keep-going", action="store_true", help="go on after a flow fails or is killed")
     ap.add_argument("--force-naive", action="store_true", help="run the naive flow even if it cannot fit")
-    ap.add_argument("--rss-cap-gib", type=float, default=None,
-                    help="kill a child past this RSS (default: MemAvailable at start - 1.5 GiB)")  # fmt: skip
+    ap.add_argument(
+        "--rss-cap-gib", type=float, default=None, help="kill a child past this RSS (default: MemAvailable - 1.5 GiB)"
+    )
     ap.add_argument("--timeout", type=float, default=None, help="kill a child after this many seconds")
     ap.add_argument("--trace", action="store_true", help="lazy: record RSS and peak after every module")
     ap.add_argument("--visual", default=None, help="multimodal lazy build: add this backbone, e.g. open_clip:ViT-L-14")
     ap.add_argument("--no-warm", action="store_true", help="do not read the checkpoint into the page cache first")
-    ap.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
+    ap.add_argument("--results-dir", default=None, help="default bench/results")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic checkpoint")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     opts = ap.parse_args()
 
     ckpt = Path(opts.ckpt_dir or f"/tmp/lazyllama-bench/{opts.shape}")
-    opts.ckpt_dir = str(ckpt)
     if opts.child:
-        run_child_main(opts)
+        emit(opts.child, child_floor() if opts.child == "floor" else CHILDREN[opts.child](ckpt, opts.quant, opts.trace))
         return 0
 
     args = preset(opts.shape)  # validates the name
@@ -725,31 +365,16 @@ def main() -> int:
     unknown = [f for f in flows if f not in ALL_FLOWS]
     if unknown:
         ap.error(f"unknown flow(s) {unknown}; choose from {list(ALL_FLOWS)}")
-    cap = int(opts.rss_cap_gib * GIB) if opts.rss_cap_gib else meminfo_bytes("MemAvailable") - int(1.5 * GIB)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    results = Path(opts.results_dir)
-    log_dir = results / "logs" / f"{opts.shape}-{stamp}"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    print(f"shape {opts.shape}: {n_params(args) / 1e9:.3f} B params; checkpoint {ckpt}; child RSS cap "
-          f"{fmt_gib(cap)} GiB", flush=True)  # fmt: skip
-
-    params = shape_params(args)
-    write_record = None
-    if checkpoint_is_complete(ckpt, params):
-        print("checkpoint: reusing the complete one there", flush=True)
-    else:
-        prepare_checkpoint_dir(ckpt)
-        print(f"checkpoint: writing {2 * n_params(args) / 1e9:.2f} GB of bf16 ...", flush=True)
-        write_record = spawn("write", opts, ckpt, log_dir, "write", cap)
-        if write_record.get("status") != "ok":
-            print(f"checkpoint write failed: {write_record.get('error')}\n{write_record.get('stderr_tail', '')}")
-            return 1
-        w = write_record
-        print(
-            f"checkpoint: {w['files']} files, {w['bytes'] / 1e9:.2f} GB in {w['wall_s']:.1f} s, "
-            f"writer peak RSS {fmt_gib(w['peak_rss'])} GiB",
-            flush=True,
-        )
+    session = Session(f"{opts.shape}-{opts.quant}", __file__, opts.results_dir, opts.rss_cap_gib, opts.timeout)
+    print(
+        f"shape {opts.shape}: {n_params(args) / 1e9:.3f} B params; checkpoint {ckpt}; child RSS cap "
+        f"{fmt_gib(session.cap)} GiB",
+        flush=True,
+    )
+    ckpt, write_record = session.synthetic_checkpoint(opts.shape, ckpt, opts.seed)
+    child_args = cli_args(shape=opts.shape, ckpt_dir=ckpt, quant=opts.quant)
+    # the multimodal build: the lazy child adds this backbone (random weights, built real)
+    env = {"LAZYLLAMA_BENCH_VISUAL": opts.visual} if opts.visual else None
 
     # Round-robin (floor, then the flows in the order given, per round): a noisy neighbour then slows every flow
     # alike instead of one flow's repeats. A flow that fails or cannot run is not tried again.
@@ -761,31 +386,23 @@ def main() -> int:
             if flow in dropped:
                 continue
             tag = f"{flow}-{i}"
-            if flow == "naive" and not opts.force_naive and naive_estimate_bytes(args) > cap:
-                need = naive_estimate_bytes(args)
+            if flow == "naive" and not opts.force_naive and naive_estimate_bytes(args) > session.cap:
                 why = (
-                    f"would need ~{fmt_gib(need)} GiB (bf16 model + full state dict), more than the "
-                    f"{fmt_gib(cap)} GiB cap; --force-naive runs it"
+                    f"would need ~{fmt_gib(naive_estimate_bytes(args))} GiB (bf16 model + full state dict), more "
+                    f"than the {fmt_gib(session.cap)} GiB cap; --force-naive runs it"
                 )
-                rec = {"flow": "naive", "status": "skipped", "error": why}
-                print(f"[{tag}] skipped: {rec['error']}", flush=True)
-                records.append(rec)
+                print(f"[{tag}] skipped: {why}", flush=True)
+                records.append({"flow": "naive", "status": "skipped", "error": why})
                 dropped.add(flow)
                 continue
             if flow != "floor" and not opts.no_warm:
                 warm_page_cache(ckpt)
-            print(f"[{tag}] running ...", flush=True)
-            rec = spawn(flow, opts, ckpt, log_dir, tag, cap)
+            rec = session.spawn(flow, child_args + cli_args(trace=opts.trace and flow == "lazy"), tag, env=env)
             records.append(rec)
-            if rec.get("status") == "ok":
-                extra = f", wall {rec['wall_s']:.1f} s, CPU {rec['cpu_s']:.1f} s" if "wall_s" in rec else ""
-                print(f"[{tag}] peak RSS {fmt_gib(rec['peak_rss'])} GiB{extra}", flush=True)
+            if rec["status"] == "ok":
                 continue
-            print(f"[{tag}] {rec.get('status')}: {rec.get('error')}", flush=True)
-            if rec.get("stderr_tail"):
-                print("    " + rec["stderr_tail"].strip().replace("\n", "\n    ")[-1500:], flush=True)
             dropped.add(flow)
-            if rec.get("status") == "failed":
+            if rec["status"] == "failed":
                 failed = True
                 if not opts.keep_going:
                     break
@@ -794,31 +411,17 @@ def main() -> int:
             break
 
     table, summary = tabulate(records, opts.shape, opts.quant)
-    code = code_state()
     print("\n" + table, flush=True)
-    print(f"\ncode measured: {code}")
-    md_path = results / f"{opts.shape}-{opts.quant}-{stamp}.md"
-    json_path = results / f"{opts.shape}-{opts.quant}-{stamp}.json"
-    header = (
-        f"# build memory: {opts.shape}, {opts.quant}\n\n"
-        f"command: `{' '.join([Path(sys.executable).name, 'bench/build_memory.py', *sys.argv[1:]])}`  \n"
-        f"machine: {json.dumps(machine_info())}  \n"
-        f"code: {json.dumps(code)}\n\n"
-    )
-    md_path.write_text(header + table + "\n")
     raw = {
         "shape": opts.shape,
         "quant": opts.quant,
-        "argv": sys.argv[1:],
-        "machine": machine_info(),
-        "code": code,
         "checkpoint": str(ckpt),
         "checkpoint_write": write_record,
         "records": records,
         "summary": summary,
     }
-    json_path.write_text(json.dumps(raw, indent=1))
-    print(f"\nsaved {md_path} and {json_path} (child logs in {log_dir})")
+    md, js = session.save(f"build memory: {opts.shape}, {opts.quant}", table, raw)
+    print(f"\nsaved {md} and {js} (child logs in {session.log_dir})")
     return 1 if failed else 0
 
 

@@ -4,8 +4,8 @@
     python bench/generate_speed.py --shape tiny             # smoke test (~30 s, mostly imports)
     python bench/generate_speed.py --quants 4bit --new-tokens 32 --repeat 2
 
-1. Random weights: build_model(preset(shape), None, dtype=bf16) (seeded init), written once in Hugging Face's format
-   with util.checkpoint.write_hf_checkpoint (cached in /tmp/lazyllama-bench/generate-<shape>).
+1. Random weights: bench/harness.py's synthetic bf16 checkpoint of the shape (random normal std 0.02, Hugging Face
+   format), written once and shared with the other benches (/tmp/lazyllama-bench/<shape>).
 2. One fresh process per (implementation, quant):
      ours  build_model(None, [that checkpoint], quant=...) - the same weights as HF's (a 4-bit build from random
            init draws other values than the bf16 one), then util.generate.generate (greedy) on one prompt;
@@ -24,35 +24,11 @@ The machine may be shared: the load average before and after is recorded; compar
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-CACHE = Path("/tmp/lazyllama-bench")
-MARKER = "BENCH_COMPLETE.json"
-SEED = 0
-
-
-def _params(args) -> dict:
-    return {
-        "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
-        "vocab_size": args.vocab_size, "ffn_hidden_dim": args.hidden_dim, "norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta, "max_seq_len": args.max_seq_len,
-    }  # fmt: skip
-
-
-def _peak_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+from harness import Session, cli_args, emit, hf_from_pretrained_kwargs, hf_not_installed, quiet_bitsandbytes
 
 
 def _prompt(vocab_size: int, n: int) -> list[int]:
@@ -61,23 +37,19 @@ def _prompt(vocab_size: int, n: int) -> list[int]:
     return torch.randint(3, vocab_size, (n,), generator=torch.Generator().manual_seed(1)).tolist()
 
 
+def _timed_runs(run, opts) -> dict:
+    """A short warm-up generation, then --repeat timed ones of --new-tokens tokens."""
+    run(4)
+    runs, cpu, tokens = [], [], None
+    for _ in range(opts.repeat):
+        t0, c0 = time.perf_counter(), time.process_time()
+        tokens = run(opts.new_tokens)
+        runs.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return {"runs_s": runs, "cpu_s": cpu, "tokens": tokens}
+
+
 # --- children ---
-
-
-def child_write(shape: str, out: Path) -> dict:
-    import torch
-
-    from model.args import preset
-    from util.build import build_model
-    from util.checkpoint import write_hf_checkpoint
-
-    args = preset(shape)
-    model, _ = build_model(args, None, dtype=torch.bfloat16, seed=SEED)
-    t0 = time.perf_counter()
-    write_hf_checkpoint(out, model.state_dict(), params=_params(args), max_shard_bytes=2 << 30)
-    info = {"shape": shape, "seed": SEED, "seconds": time.perf_counter() - t0}
-    (out / MARKER).write_text(json.dumps(info))
-    return info
 
 
 def child_ours(shape: str, quant: str, ckpt: Path, opts) -> dict:
@@ -86,45 +58,34 @@ def child_ours(shape: str, quant: str, ckpt: Path, opts) -> dict:
     from model.args import preset
     from util.build import build_model
     from util.generate import SamplingParams, generate
+    from util.quant import prepare_for_inference
 
     args = preset(shape)
     t0 = time.perf_counter()
     model, _ = build_model(args, [ckpt], quant=None if quant == "none" else quant, dtype=torch.bfloat16)
     load = time.perf_counter() - t0
-    from util.quant import prepare_for_inference
-
     prepare_for_inference(model)  # as demo.py serves: eval mode, 4-bit repacked for the AVX512-BF16 CPU kernel
     prompt = _prompt(args.vocab_size, opts.prompt_tokens)
-    generate(model, [prompt], SamplingParams(max_new_tokens=4))  # warm-up
-    runs, cpu, tokens = [], [], None
-    for _ in range(opts.repeat):
-        t0, c0 = time.perf_counter(), time.process_time()
-        tokens = generate(model, [prompt], SamplingParams(max_new_tokens=opts.new_tokens))[0]
-        runs.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return {"load_s": load, "runs_s": runs, "cpu_s": cpu, "tokens": tokens}
+    run = lambda n: generate(model, [prompt], SamplingParams(max_new_tokens=n))[0]
+    return {"load_s": load, **_timed_runs(run, opts)}
 
 
 def child_hf(shape: str, quant: str, ckpt: Path, opts) -> dict:
     try:
         import transformers
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+        from transformers import AutoModelForCausalLM
     except ImportError as e:
-        return {"status": "not installed", "error": f"{e}; pip install -r bench/requirements.txt"}
+        return hf_not_installed(e)
     import torch
 
     from model.args import preset
 
-    kwargs = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.bfloat16}
-    if quant == "4bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )  # fmt: skip
-    elif quant != "none":
-        return {"status": "unsupported", "error": f"no HF row for quant={quant}"}
+    try:
+        kwargs = hf_from_pretrained_kwargs(quant)
+    except ValueError as e:
+        return {"status": "unsupported", "error": str(e)}
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(ckpt), device_map="cpu", local_files_only=True, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), device_map="cpu", **kwargs)
     load = time.perf_counter() - t0
     model.eval()
     ids = torch.tensor([_prompt(preset(shape).vocab_size, opts.prompt_tokens)])
@@ -132,47 +93,19 @@ def child_hf(shape: str, quant: str, ckpt: Path, opts) -> dict:
     def run(n: int) -> list[int]:
         with torch.inference_mode():
             out = model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
                 pad_token_id=0,
-            )  # fmt: skip
+            )
         return out[0, ids.shape[1] :].tolist()
 
-    run(4)  # warm-up
-    runs, cpu, tokens = [], [], None
-    for _ in range(opts.repeat):
-        t0, c0 = time.perf_counter(), time.process_time()
-        tokens = run(opts.new_tokens)
-        runs.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return {"load_s": load, "runs_s": runs, "cpu_s": cpu, "tokens": tokens, "transformers": transformers.__version__}
-
-
-def child_main(opts) -> None:
-    import logging
-
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    if opts.child == "write":
-        result = child_write(opts.shape, Path(opts.ckpt))
-    elif opts.child == "ours":
-        result = child_ours(opts.shape, opts.quant, Path(opts.ckpt), opts)
-    else:
-        result = child_hf(opts.shape, opts.quant, Path(opts.ckpt), opts)
-    result.setdefault("status", "ok")
-    result["peak_rss"] = _peak_rss()
-    print("RESULT " + json.dumps(result), flush=True)
+    return {"load_s": load, **_timed_runs(run, opts), "transformers": transformers.__version__}
 
 
 # --- parent ---
-
-
-def spawn(opts, *extra: str) -> dict:
-    cmd = [sys.executable, __file__, "--shape", opts.shape, "--prompt-tokens", str(opts.prompt_tokens),
-           "--new-tokens", str(opts.new_tokens), "--repeat", str(opts.repeat), *extra]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=opts.timeout)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    return {"status": "failed", "error": f"exit {proc.returncode}: {proc.stderr[-2000:]}"}
 
 
 def agreement(a: list[int] | None, b: list[int] | None) -> str:
@@ -184,34 +117,33 @@ def agreement(a: list[int] | None, b: list[int] | None) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="1.1B")
+    p.add_argument("--shape", default="1.1B", help="model.args preset (tiny: smoke test)")
     p.add_argument("--quants", default="none,4bit", help="comma list of none,4bit")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--timeout", type=float, default=900)
-    p.add_argument("--child", choices=["write", "ours", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--quant", default="none", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     opts = p.parse_args()
     if opts.child:
-        child_main(opts)
+        quiet_bitsandbytes()
+        emit(
+            opts.child, {"ours": child_ours, "hf": child_hf}[opts.child](opts.shape, opts.quant, Path(opts.ckpt), opts)
+        )
         return
 
-    ckpt = CACHE / f"generate-{opts.shape}"
-    if not (ckpt / MARKER).exists():
-        print(f"writing random {opts.shape} weights (HF format) to {ckpt}", flush=True)
-        ckpt.mkdir(parents=True, exist_ok=True)
-        r = spawn(opts, "--child", "write", "--ckpt", str(ckpt))
-        if r["status"] != "ok":
-            sys.exit(f"writing the checkpoint failed: {r['error']}")
+    session = Session(f"generate-{opts.shape}", __file__, timeout=opts.timeout)
+    ckpt, _ = session.synthetic_checkpoint(opts.shape)
+    child_args = cli_args(
+        shape=opts.shape, prompt_tokens=opts.prompt_tokens, new_tokens=opts.new_tokens, repeat=opts.repeat, ckpt=ckpt
+    )
     load_before = os.getloadavg()
     results: dict[str, dict] = {}
     for quant in opts.quants.split(","):
         for impl in ("ours", "hf"):
-            t0 = time.perf_counter()
-            r = spawn(opts, "--child", impl, "--quant", quant, "--ckpt", str(ckpt))
-            r["wall_s"] = time.perf_counter() - t0
+            r = session.spawn(impl, child_args + cli_args(quant=quant), f"{impl}-{quant}")
             results[f"{impl}/{quant}"] = r
             speed = f"{opts.new_tokens / min(r['runs_s']):.2f} tokens/s" if r["status"] == "ok" else r["error"]
             print(f"{impl:4s} {quant:5s} {speed}", flush=True)
@@ -239,12 +171,10 @@ def main() -> None:
         lines.append(f"| {quant} | {cell[0]} | {cell[1]} | {ratio} | {cpu} | {loads} | {same} | {rss} |")
     table = "\n".join(lines)
     print("\n" + table)
-    out = REPO / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (out / f"generate-{opts.shape}-{stamp}.md").write_text(table + "\n")
-    (out / f"generate-{opts.shape}-{stamp}.json").write_text(
-        json.dumps({"opts": vars(opts), "loadavg": [load_before, load_after], "results": results}, indent=1)
+    session.save(
+        f"generation speed: {opts.shape}",
+        table,
+        {"opts": vars(opts), "loadavg": [load_before, load_after], "results": results},
     )
 
 

@@ -11,8 +11,8 @@ bf16 autocast, next-token loss over the whole random sequence, backward, optimiz
         checkpoint), util.train's pieces: upcast_trainable_, param_groups, token_loss, clip_grad_norm_.
   hf    AutoModelForCausalLM.from_pretrained(<random bf16 checkpoint of the shape>, BitsAndBytesConfig(nf4, double
         quant, bf16 compute)) + peft get_peft_model(LoraConfig(r=16, alpha=32, dropout=0.05, 7 projections)).
-        The checkpoint is /tmp/lazyllama-bench/<shape> if bench/build_memory.py wrote it, else written once to
-        /tmp/lazyllama-bench/qlora-<shape> (util.checkpoint.write_hf_checkpoint, tensor by tensor).
+        The checkpoint is bench/harness.py's synthetic one, /tmp/lazyllama-bench/<shape> (shared with
+        bench/build_memory.py; written once, tensor by tensor, if missing).
 Reported per flow: build seconds, RSS after the build, peak RSS over the steps (VmHWM reset after the build;
 CUDA: max allocated), median step seconds and tokens/s (batch x seq / step). The machine may be shared: the load
 average is recorded; compare flows of one run. Results go to bench/results/ (gitignored) as JSON and markdown.
@@ -21,35 +21,27 @@ average is recorded; compare flows of one run. Results go to bench/results/ (git
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from harness import (
+    REPO,
+    Session,
+    cli_args,
+    emit,
+    hf_from_pretrained_kwargs,
+    hf_not_installed,
+    hwm,
+    quiet_bitsandbytes,
+    reset_hwm,
+    rss,
+)
 
-CACHE = Path("/tmp/lazyllama-bench")
-MARKER = "BENCH_COMPLETE.json"
 LORA = json.loads((REPO / "configs" / "lora_r16.json").read_text())
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def _reset_hwm() -> None:
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
 
 
 def _tokens(vocab: int, batch: int, seq: int):
@@ -63,7 +55,8 @@ def _time_steps(step, n_steps: int, device) -> dict:
     import torch
 
     step()
-    _reset_hwm()
+    peak_before = hwm()  # the build's and the warm-up's
+    reset_hwm()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -73,10 +66,15 @@ def _time_steps(step, n_steps: int, device) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
+    peak_cuda = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    steps = hwm()
     return {
-        "step_s": times, "loss": loss, "peak_rss_steps": _status_kib("VmHWM") * 1024,
-        "peak_cuda_steps": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
-    }  # fmt: skip
+        "step_s": times,
+        "loss": loss,
+        "peak_rss_steps": steps,
+        "peak_rss": max(peak_before, steps),
+        "peak_cuda_steps": peak_cuda,
+    }
 
 
 def child_ours(opts) -> dict:
@@ -109,32 +107,35 @@ def child_ours(opts) -> dict:
         opt.zero_grad(set_to_none=True)
         return float(loss_sum) / n
 
-    rss_after_build = _status_kib("VmRSS") * 1024
+    rss_after_build = rss()
     trainable = sum(p.numel() for p, _ in params)
-    return {"build_s": build_s, "rss_after_build": rss_after_build, "trainable": trainable,
-            **_time_steps(step, opts.steps, device)}  # fmt: skip
+    return {
+        "build_s": build_s,
+        "rss_after_build": rss_after_build,
+        "trainable": trainable,
+        **_time_steps(step, opts.steps, device),
+    }
 
 
 def child_hf(opts) -> dict:
     try:
         import peft
         import transformers
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+        from transformers import AutoModelForCausalLM
     except ImportError as e:
-        return {"status": "not installed", "error": f"{e}; pip install transformers peft (check that torch stays)"}
+        return hf_not_installed(e)
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
-    dtype_kw = {"dtype": torch.bfloat16} if int(transformers.__version__.split(".")[0]) >= 5 else {
-        "torch_dtype": torch.bfloat16}  # fmt: skip
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        opts.ckpt, quantization_config=qconfig, device_map=str(device), local_files_only=True, **dtype_kw
+    model = AutoModelForCausalLM.from_pretrained(opts.ckpt, device_map=str(device), **hf_from_pretrained_kwargs("4bit"))
+    config = peft.LoraConfig(
+        r=LORA["lora_rank"],
+        lora_alpha=LORA["lora_alpha"],
+        lora_dropout=LORA["lora_dropout"],
+        target_modules=TARGETS,
+        task_type="CAUSAL_LM",
     )
-    config = peft.LoraConfig(r=LORA["lora_rank"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
-                             target_modules=TARGETS, task_type="CAUSAL_LM")  # fmt: skip
     model = peft.get_peft_model(model, config)
     build_s = time.perf_counter() - t0
     if opts.checkpointing:
@@ -156,84 +157,15 @@ def child_hf(opts) -> dict:
         opt.zero_grad(set_to_none=True)
         return float(loss)
 
-    rss_after_build = _status_kib("VmRSS") * 1024
-    return {"build_s": build_s, "rss_after_build": rss_after_build, "trainable": sum(p.numel() for p in
-            trainable_params), "transformers": transformers.__version__, "peft": peft.__version__,
-            **_time_steps(step, opts.steps, device)}  # fmt: skip
-
-
-# ----------------------------------------------------------------------------------------------------
-
-
-def hf_checkpoint(shape: str) -> Path:
-    """A random bf16 HF checkpoint of the shape: build_memory.py's if present, else written here once."""
-    from model.args import preset
-
-    args = preset(shape)
-    want = {"hidden_size": args.dim, "num_hidden_layers": args.n_layers, "intermediate_size": args.hidden_dim,
-            "vocab_size": args.vocab_size, "num_key_value_heads": args.n_kv_heads}  # fmt: skip
-    for ckpt in (CACHE / shape, CACHE / f"qlora-{shape}"):
-        if (ckpt / MARKER).is_file() and (ckpt / "config.json").is_file():
-            config = json.loads((ckpt / "config.json").read_text())
-            if all(config.get(k) == v for k, v in want.items()):
-                return ckpt
-    ckpt = CACHE / f"qlora-{shape}"
-    print(f"writing a random bf16 checkpoint of the {shape} shape to {ckpt} (once)", flush=True)
-    subprocess.run([sys.executable, __file__, "--child", "write", "--shape", shape, "--ckpt", str(ckpt)], check=True)
-    return ckpt
-
-
-def child_write(opts) -> dict:
-    import torch
-
-    from model.args import preset
-    from tests.helpers import params_of
-    from util.checkpoint import write_hf_checkpoint
-
-    args = preset(opts.shape)
-    hd = args.head_dim
-    shapes = [("tok_embeddings.weight", (args.vocab_size, args.dim))]
-    for i in range(args.n_layers):
-        p = f"layers.{i}."
-        shapes += [
-            (p + "attention.wq.weight", (args.n_heads * hd, args.dim)),
-            (p + "attention.wk.weight", (args.n_kv_heads * hd, args.dim)),
-            (p + "attention.wv.weight", (args.n_kv_heads * hd, args.dim)),
-            (p + "attention.wo.weight", (args.dim, args.n_heads * hd)),
-            (p + "feed_forward.w1.weight", (args.hidden_dim, args.dim)),
-            (p + "feed_forward.w2.weight", (args.dim, args.hidden_dim)),
-            (p + "feed_forward.w3.weight", (args.hidden_dim, args.dim)),
-            (p + "attention_norm.weight", (args.dim,)),
-            (p + "ffn_norm.weight", (args.dim,)),
-        ]
-    shapes += [("norm.weight", (args.dim,)), ("output.weight", (args.vocab_size, args.dim))]
-
-    def tensors():
-        for i, (key, shape) in enumerate(shapes):
-            if len(shape) == 1:
-                yield key, torch.ones(shape, dtype=torch.bfloat16)
-            else:
-                g = torch.Generator().manual_seed(i)
-                yield key, torch.empty(shape, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=g)
-
-    ckpt = Path(opts.ckpt)
-    ckpt.mkdir(parents=True, exist_ok=True)
-    params = {**params_of(args), "ffn_hidden_dim": args.hidden_dim}
-    write_hf_checkpoint(ckpt, tensors(), params=params, max_shard_bytes=1 << 30)
-    (ckpt / MARKER).write_text(json.dumps({"shape": opts.shape}))
-    return {}
-
-
-def run_child(flow: str, opts) -> dict:
-    cmd = [sys.executable, __file__, "--child", flow, "--shape", opts.shape, "--seq", str(opts.seq),
-           "--batch", str(opts.batch), "--steps", str(opts.steps), "--ckpt", str(opts.ckpt)]  # fmt: skip
-    if opts.checkpointing:
-        cmd.append("--checkpointing")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=opts.timeout)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {"status": "failed", "error": proc.stderr[-3000:]}
-    return {"status": "ok", **json.loads(lines[-1])}
+    trainable = sum(p.numel() for p in trainable_params)
+    return {
+        "build_s": build_s,
+        "rss_after_build": rss(),
+        "trainable": trainable,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        **_time_steps(step, opts.steps, device),
+    }
 
 
 def _gib(n: float) -> str:
@@ -264,36 +196,36 @@ def table(results: dict, opts) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="1.1B")
+    ap.add_argument("--shape", default="1.1B", help="model.args preset (tiny: smoke test)")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--flows", default="ours,hf")
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--timeout", type=float, default=1800)
-    ap.add_argument("--ckpt", default=None, help="HF checkpoint for the hf flow (default: a cached random one)")
-    ap.add_argument("--child", choices=["ours", "hf", "write"], help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", default=None, help="HF checkpoint for the hf flow (default: the synthetic one)")
+    ap.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     opts = ap.parse_args()
     if opts.child:
-        import logging
-
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-        print(json.dumps({"ours": child_ours, "hf": child_hf, "write": child_write}[opts.child](opts)), flush=True)
+        quiet_bitsandbytes()
+        emit(opts.child, {"ours": child_ours, "hf": child_hf}[opts.child](opts))
         return 0
+    session = Session(f"qlora-step-{opts.shape}", __file__, timeout=opts.timeout)
     flows = opts.flows.split(",")
     if "hf" in flows and opts.ckpt is None:
-        opts.ckpt = str(hf_checkpoint(opts.shape))
-    results = {}
-    for flow in flows:
-        print(f"running {flow} ...", flush=True)
-        results[flow] = run_child(flow, opts)
+        opts.ckpt = str(session.synthetic_checkpoint(opts.shape)[0])
+    child_args = cli_args(
+        shape=opts.shape,
+        seq=opts.seq,
+        batch=opts.batch,
+        steps=opts.steps,
+        ckpt=opts.ckpt,
+        checkpointing=opts.checkpointing,
+    )
+    results = {flow: session.spawn(flow, child_args) for flow in flows}
     md = table(results, opts)
     print(md)
-    out = REPO / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (out / f"qlora-step-{opts.shape}-{stamp}.md").write_text(md + "\n")
-    (out / f"qlora-step-{opts.shape}-{stamp}.json").write_text(json.dumps({"opts": vars(opts), **results}, indent=1))
+    session.save(f"QLoRA step: {opts.shape}", md, {"opts": vars(opts), **results})
     return 0 if all(r.get("status") in ("ok", "not installed") for r in results.values()) else 1
 
 

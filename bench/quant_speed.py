@@ -2,6 +2,7 @@
 
     python bench/quant_speed.py                       # 4096x4096 and 11008x4096, bf16 input, all modes
     python bench/quant_speed.py --shapes 4096x4096 --modes nf4 --threads 1
+    python bench/quant_speed.py --quick               # smoke test: one 1024x1024 weight
 
 For each shape, a random bf16 weight (std 0.02) is quantized, in this one process, by
   bnb    bitsandbytes.functional.quantize_4bit(w, blocksize=64, quant_type, compress_statistics=True) on the whole
@@ -12,48 +13,35 @@ Each method runs once as a warm-up, then once timed. Their outputs are
 compared bit for bit. Peak extra memory: VmHWM minus VmRSS before the call, after giving freed heap back
 (malloc_trim) and resetting VmHWM (writing "5" to /proc/self/clear_refs); the outputs themselves are included.
 Other processes on the machine slow both methods (and torch's multi-threaded ops most): the load average is printed.
+The table and the raw rows are saved under bench/results/ (quant-speed-<stamp>.{md,json}).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import bitsandbytes.functional as bnbF
+import torch
+from harness import Session, hwm, reset_hwm, rss
 
-import bitsandbytes.functional as bnbF  # noqa: E402
-import torch  # noqa: E402
-
-from util.quant import QUANT_MODES, quantize_4bit_chunked, quantize_8bit_chunked  # noqa: E402
+from util.memory import malloc_trim
+from util.quant import QUANT_MODES, quantize_4bit_chunked, quantize_8bit_chunked
 
 MIB = 1 << 20
 MODES = {"nf4": "4bit", "fp4": "4bit_fp4", "int8": "8bit"}
-_libc = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
 
 
 def _measure(fn):
     """(seconds, peak extra bytes, result) of one call."""
-    if _libc is not None:
-        _libc.malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    before = _status_kib("VmRSS")
+    malloc_trim()
+    reset_hwm()  # VmHWM := VmRSS
+    before = rss()
     t0 = time.perf_counter()
     out = fn()
     seconds = time.perf_counter() - t0
-    return seconds, (_status_kib("VmHWM") - before) * 1024, out
+    return seconds, hwm() - before, out
 
 
 def _methods(mode: str, w: torch.Tensor):
@@ -121,20 +109,27 @@ def main() -> None:
     ap.add_argument("--shapes", default="4096x4096,11008x4096", help="comma-separated ROWSxCOLS")
     ap.add_argument("--modes", default="nf4,fp4,int8", help=f"comma-separated, of {','.join(MODES)}")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--quick", action="store_true", help="smoke test: --shapes 1024x1024")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in ("1024x1024" if args.quick else args.shapes).split(",")]
     modes = args.modes.split(",")
-    print(
+    header = [
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-        f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}"
+        f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
+        "M params/s (bf16 input; 4-bit: blocksize 64 + double quantization); peak extra memory in MiB",
+        "|      shape | mode |  bnb M/s |  ours M/s |  ratio |  bnb MiB | ours MiB | bitwise equal |",
+        "|------------|------|----------|-----------|--------|----------|----------|---------------|",
+    ]
+    print("\n".join(header))
+    rows = run(shapes, modes)
+    after = f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}"
+    print(after)
+    fields = ("shape", "mode", "bnb_mparams_s", "ours_mparams_s", "ratio", "bnb_mib", "ours_mib", "bitwise_equal")
+    Session("quant-speed", __file__).save(
+        "quantizer speed", "\n".join([*header, *map(_fmt, rows), after]), {"rows": [dict(zip(fields, r)) for r in rows]}
     )
-    print("M params/s (bf16 input; 4-bit: blocksize 64 + double quantization); peak extra memory in MiB")
-    print("|      shape | mode |  bnb M/s |  ours M/s |  ratio |  bnb MiB | ours MiB | bitwise equal |")
-    print("|------------|------|----------|-----------|--------|----------|----------|---------------|")
-    run(shapes, modes)
-    print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -21,10 +21,19 @@ class ModelArgs:
     multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
     ffn_dim_multiplier: float | None = None  # scales the SwiGLU hidden size (LLaMA-2 70B: 1.3)
     ffn_hidden_dim: int | None = None  # explicit SwiGLU hidden size (Hugging Face intermediate_size); wins
+    head_size: int | None = None  # explicit per-head width (Hugging Face head_dim); None: dim // n_heads
     norm_eps: float = 1e-5  # RMSNorm epsilon
     rope_theta: float = 10000.0  # RoPE base
+    rope_scaling: dict | None = None  # {"rope_type": "linear"|"dynamic"|"llama3", "factor": ...}: ROPE_SCALING_KEYS
+    use_scaled_rope: bool = False  # Meta's params.json (Llama 3.1+): llama3 scaling with Meta's constants
+    tie_word_embeddings: bool = False  # the output head is the token embedding (no separate output.weight)
     max_seq_len: int = 2048  # longest sequence (RoPE table and KV cache size)
     max_batch_size: int = 32  # KV cache batch size for generation
+
+    # --- special token ids from the checkpoint's config (None: the tokenizer's own) ---
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None  # Llama 3 instruct models stop on several
+    pad_token_id: int | None = None
 
     # --- adapters (used by the adapter issues; defaults leave the plain model) ---
     lora_rank: int = 0  # 0: no LoRA
@@ -50,18 +59,28 @@ class ModelArgs:
         if isinstance(self.lora_targets, list):
             self.lora_targets = tuple(self.lora_targets)
         problems = []
-        if self.dim % self.n_heads:
-            problems.append(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.head_size is None and self.dim % self.n_heads:
+            problems.append(f"dim={self.dim} is not divisible by n_heads={self.n_heads} (or give head_size)")
         if self.n_heads % self.n_kv_heads:
             problems.append(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
-        if (self.dim // self.n_heads) % 2:
-            problems.append(f"head_dim={self.dim // self.n_heads} must be even for rotary embeddings")
+        if self.head_dim % 2:
+            problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        problems += rope_scaling_problems(self.rope_scaling)
+        if self.rope_scaling and self.use_scaled_rope:
+            problems.append("use_scaled_rope (Meta's llama3 scaling) and rope_scaling are both set: keep one")
         if problems:
             raise ValueError("invalid ModelArgs: " + "; ".join(problems))
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_size if self.head_size is not None else self.dim // self.n_heads
+
+    @property
+    def rope_scaling_params(self) -> dict | None:
+        """The RoPE scaling in effect: rope_scaling, or Meta's llama3 constants for use_scaled_rope, or None."""
+        if self.use_scaled_rope:
+            return dict(META_LLAMA3_ROPE_SCALING)
+        return dict(self.rope_scaling) if self.rope_scaling else None
 
     @property
     def hidden_dim(self) -> int:
@@ -120,6 +139,7 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "str": (str,),
     "dict": (dict,),
     "tuple[str, ...]": (list, tuple),
+    "list[int]": (list,),
 }
 
 
@@ -136,10 +156,51 @@ def _check_types(values: dict[str, Any], source: str) -> None:
             for k in kinds
             if k in _JSON_TYPES
         )
-        if ok and f.type == "tuple[str, ...]":
-            ok = all(isinstance(v, str) for v in value)
+        if ok and isinstance(value, (list, tuple)):
+            item = str if "tuple[str, ...]" in kinds else int
+            ok = all(isinstance(v, item) and not isinstance(v, bool) for v in value)
         if not ok:
             raise TypeError(f"{source}: {f.name}={value!r} is not a valid value: expected {f.type}")
+
+
+# RoPE scalings implemented by model/layers/rope.py: the keys each type requires (nothing else is accepted).
+ROPE_SCALING_KEYS: dict[str, tuple[str, ...]] = {
+    "linear": ("factor",),
+    "dynamic": ("factor", "original_max_position_embeddings"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+# Meta's reference code (llama-models, Llama 3.1) applies these when params.json says use_scaled_rope: true.
+META_LLAMA3_ROPE_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+def rope_scaling_problems(scaling: Any) -> list[str]:
+    """What is wrong with a rope_scaling value (empty when it is None or valid)."""
+    if scaling is None:
+        return []
+    if not isinstance(scaling, dict):
+        return [f"rope_scaling must be an object or null, got {scaling!r}"]
+    kind = scaling.get("rope_type")
+    if kind not in ROPE_SCALING_KEYS:
+        return [f"rope_scaling rope_type={kind!r} is not implemented; implemented: {sorted(ROPE_SCALING_KEYS)}"]
+    problems = []
+    expected = set(ROPE_SCALING_KEYS[kind]) | {"rope_type"}
+    if missing := sorted(expected - set(scaling)):
+        problems.append(f"rope_scaling of type {kind!r} needs {missing}")
+    if extra := sorted(set(scaling) - expected):
+        problems.append(f"rope_scaling of type {kind!r} does not take {extra} (expected {sorted(expected)})")
+    for key in sorted(expected & set(scaling) - {"rope_type"}):
+        value = scaling[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            problems.append(f"rope_scaling {key}={value!r} must be a positive number")
+    if not problems and kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        problems.append("rope_scaling high_freq_factor must be greater than low_freq_factor")
+    return problems
 
 
 def read_config_json(path: str | Path, *, what: str = "config file") -> dict[str, Any]:

@@ -13,7 +13,7 @@ from torch import nn
 from model.adapter import AdapterGate, AdapterPrompt
 from model.args import ModelArgs
 from model.layers import ColumnParallelLinear, ParallelEmbedding, RMSNorm, RotaryEmbedding, RowParallelLinear
-from model.layers.parallel import divide, mp_world_size
+from model.layers.parallel import divide, mp_world_size, reduce_from_mp, scatter_to_mp
 from model.visual import VisualEncoder
 
 
@@ -127,8 +127,11 @@ class Transformer(nn.Module):
         self.tok_embeddings = ParallelEmbedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.output = ColumnParallelLinear(args.dim, args.vocab_size, gather_output=True)
-        self.rope = RotaryEmbedding(args.head_dim, args.max_seq_len, args.rope_theta)
+        # Tied (Llama 3.2 1B/3B): the head is the embedding itself, one parameter, trained as one (see logits)
+        self.output = (
+            None if args.tie_word_embeddings else ColumnParallelLinear(args.dim, args.vocab_size, gather_output=True)
+        )
+        self.rope = RotaryEmbedding(args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling_params)
         depth = adapter_depth(args)
         self.adapter = AdapterPrompt(depth, args.adapter_len, args.dim) if depth else None
         self.visual = VisualEncoder(args) if args.visual_backbone else None
@@ -186,7 +189,15 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             prompt = prompts[i - first_adapted] if prompts is not None and i >= first_adapted else None
             h = layer(h, self.rope, start_pos, prompt)
-        return self.output(self.norm(h[:, n_image:])).float()
+        return self.logits(self.norm(h[:, n_image:])).float()
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The output head: its own weight, or the token embedding's when tied. The embedding is split along
+        its width across model-parallel ranks, so the tied head is a row-parallel product: each rank multiplies
+        its slice of h by its slice of the embedding and the partial logits are summed."""
+        if self.output is not None:
+            return self.output(h)
+        return reduce_from_mp(F.linear(scatter_to_mp(h), self.tok_embeddings.weight))
 
 
 def adapter_depth(args: ModelArgs) -> int:

@@ -10,8 +10,9 @@
   relative to the JSON file's directory (or absolute). The image is checked when the file is loaded and read per
   item with the visual backbone's preprocessing (a model with visual_backbone); a batch stacks its images.
 
-Prompts come from util.templates (the chat demo uses the same ones). Only response tokens are in the loss:
-labels are -100 elsewhere. Every record is validated when its file is loaded; a bad record (missing field,
+Prompts come from util.templates' chat format, chosen from the tokenizer (the chat demo uses the same one): this
+project's template, Llama 2's [INST] or Llama 3's headers. Only response tokens are in the loss: labels are -100
+elsewhere. Every record is validated when its file is loaded; a bad record (missing field,
 wrong type, empty text) is reported with its file and index and skipped, or rejected with strict=True, so a
 run never stops mid-epoch on bad data. Tokenization is lazy (per item, in the DataLoader workers).
 
@@ -34,7 +35,17 @@ import torch
 import yaml
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from util.templates import ALPACA_HEADER, ALPACA_HEADER_INPUT, CHAT_HEADER, alpaca_prompt, chat_segments
+from util.templates import (
+    ALPACA_HEADER,
+    ALPACA_HEADER_INPUT,
+    BOS,
+    CHAT_HEADER,
+    DEFAULT_FORMAT,
+    EOS,
+    ChatFormat,
+    Segments,
+    chat_format_for,
+)
 from util.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -44,8 +55,6 @@ DATA_TYPES = ("alpaca", "conversation", "image_conversation")
 _SOURCE_KEYS = {"path", "type", "ratio"}
 _CONFIG_EXAMPLE = "sources:\n  - {path: data/alpaca_tiny.json, type: alpaca, ratio: 1.0}"
 _MAX_LISTED = 10
-
-Segments = list[tuple[str, bool]]  # (text, is_response)
 
 
 class DataError(ValueError):
@@ -117,14 +126,14 @@ def _text_field(rec: dict, key: str, *, required: bool = True) -> str | None:
     return value
 
 
-def alpaca_segments(rec: Any) -> Segments:
+def alpaca_segments(rec: Any, fmt: ChatFormat = DEFAULT_FORMAT) -> Segments:
     if not isinstance(rec, dict):
         raise ValueError(f"expected an object with instruction/input/output, got {type(rec).__name__}")
     instruction, output = _text_field(rec, "instruction"), _text_field(rec, "output")
-    return [(alpaca_prompt(instruction, _text_field(rec, "input", required=False)), False), (output, True)]
+    return fmt.instruction(instruction, _text_field(rec, "input", required=False), output)
 
 
-def conversation_segments(rec: Any) -> Segments:
+def conversation_segments(rec: Any, fmt: ChatFormat = DEFAULT_FORMAT) -> Segments:
     if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
         raise ValueError('expected an object with a "conversations" list')
     turns: list[tuple[str, str]] = []
@@ -149,12 +158,13 @@ def conversation_segments(rec: Any) -> Segments:
             human = None
     if not turns:  # a trailing unanswered human turn is dropped; nothing answered at all is unusable
         raise ValueError("no answered human turn (nothing to learn)")
-    return chat_segments(turns)
+    return fmt.chat(turns)
 
 
 def plain_segments(segments: Segments) -> Segments:
     """The record's own words without the prompt template, all of it as text to learn (base pre-training)."""
-    return [("\n".join(_template_free(text) for text, _ in segments).strip(), True)]
+    text = "\n".join(_template_free(text) for text, _ in segments if isinstance(text, str)).strip()
+    return [(BOS, False), (text, True), (EOS, True)]
 
 
 def _template_free(text: str) -> str:
@@ -224,13 +234,15 @@ def _read_json_records(path: Path) -> list[tuple[str, Any]]:
     return [(f"[{i}]", rec) for i, rec in enumerate(data)]
 
 
-def read_source(source: DataSource, *, strict: bool = False) -> list[Segments]:
+def read_source(source: DataSource, *, strict: bool = False, fmt: ChatFormat = DEFAULT_FORMAT) -> list[Segments]:
     """The valid records of one source as segments. Bad records are logged (file and index) and skipped, or
     raise a DataError listing them when strict."""
-    return [segments for segments, _ in read_records(source, strict=strict)]
+    return [segments for segments, _ in read_records(source, strict=strict, fmt=fmt)]
 
 
-def read_records(source: DataSource, *, strict: bool = False) -> list[tuple[Segments, Path | None]]:
+def read_records(
+    source: DataSource, *, strict: bool = False, fmt: ChatFormat = DEFAULT_FORMAT
+) -> list[tuple[Segments, Path | None]]:
     """read_source with each record's image path (image_conversation; None for text-only types)."""
     segmenter = _SEGMENTERS[source.type]
     records, problems = [], []
@@ -238,7 +250,7 @@ def read_records(source: DataSource, *, strict: bool = False) -> list[tuple[Segm
         try:
             if isinstance(rec, _BadJson):
                 raise ValueError(rec.reason)
-            segments = segmenter(rec)
+            segments = segmenter(rec, fmt)
             image = _image_path(rec, source.path) if source.type == "image_conversation" else None
             records.append((segments, image))
         except ValueError as e:
@@ -267,17 +279,18 @@ def read_records(source: DataSource, *, strict: bool = False) -> list[tuple[Segm
 
 
 def encode_segments(
-    segments: Segments, tokenizer: Tokenizer, max_words: int, *, train_on_prompt: bool = False
+    segments: Segments,
+    tokenizer: Tokenizer,
+    max_words: int,
+    *,
+    train_on_prompt: bool = False,
+    fmt: ChatFormat | None = None,
 ) -> tuple[list[int], list[int]]:
-    """(tokens, labels): bos + segments + eos, truncated to max_words. Labels are the tokens of the response
-    segments and the final eos, IGNORE_INDEX elsewhere (everywhere but bos with train_on_prompt)."""
-    tokens, labels = [tokenizer.bos_id], [IGNORE_INDEX]
-    for text, is_response in segments:
-        ids = tokenizer.encode(text)
-        tokens += ids
-        labels += ids if is_response or train_on_prompt else [IGNORE_INDEX] * len(ids)
-    tokens.append(tokenizer.eos_id)
-    labels.append(tokenizer.eos_id)
+    """(tokens, labels) of a chat format's segments (bos ... eos or the format's end token), truncated to
+    max_words. Labels are the tokens of the response segments (the end token included), IGNORE_INDEX elsewhere
+    (everywhere but bos with train_on_prompt)."""
+    tokens, response = (fmt or DEFAULT_FORMAT).encode(segments, tokenizer)
+    labels = [t if r or (train_on_prompt and i > 0) else IGNORE_INDEX for i, (t, r) in enumerate(zip(tokens, response))]
     return tokens[:max_words], labels[:max_words]
 
 
@@ -287,6 +300,7 @@ class InstructionDataset(Dataset):
     backbone's config: model.visual.preprocess; it may be set after the model is built, before the first item).
 
     plain: the records' words without prompt templates, every token in the loss (to pre-train a base on).
+    chat_format: "auto" (from the tokenizer, util.templates.chat_format_for), "lazyllama", "llama2" or "llama3".
     """
 
     def __init__(
@@ -300,12 +314,15 @@ class InstructionDataset(Dataset):
         train_on_prompt: bool = False,
         plain: bool = False,
         preprocess: dict | None = None,
+        chat_format: str = "auto",
     ) -> None:
         if max_words < 2:
             raise ValueError(f"max_words={max_words}: need at least 2 tokens per example")
         self.tokenizer_path = Path(tokenizer_path)
         self.max_words, self.train_on_prompt = max_words, train_on_prompt
         self._tokenizer: Tokenizer | None = None
+        # fails now (missing or bad tokenizer, a chat template of another format), not in a DataLoader worker
+        self.format = DEFAULT_FORMAT if plain else chat_format_for(self.tokenizer, chat_format)
         self.items: list[Segments] = []
         self.images: list[Path | None] = []
         self.preprocess = preprocess
@@ -318,7 +335,7 @@ class InstructionDataset(Dataset):
             )
         self.has_images = kinds == {True}
         for i, source in enumerate(sources):
-            records = read_records(source, strict=strict)
+            records = read_records(source, strict=strict, fmt=self.format)
             if plain:
                 records = [(plain_segments(r), img) for r, img in records]
             # ratio: whole repeats plus a seeded subset (the same on every rank: seeded by config order only)
@@ -328,7 +345,6 @@ class InstructionDataset(Dataset):
             self.items += [records[j][0] for j in chosen]
             self.images += [records[j][1] for j in chosen]
             self.counts[str(source.path)] = n
-        self.tokenizer  # noqa: B018 - fail now (missing or bad tokenizer), not in a DataLoader worker
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -344,7 +360,7 @@ class InstructionDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         tokens, labels = encode_segments(
-            self.items[i], self.tokenizer, self.max_words, train_on_prompt=self.train_on_prompt
+            self.items[i], self.tokenizer, self.max_words, train_on_prompt=self.train_on_prompt, fmt=self.format
         )
         if self.images[i] is None:
             return torch.tensor(tokens), torch.tensor(labels)
@@ -357,7 +373,11 @@ class InstructionDataset(Dataset):
 
 def source_texts(sources: Sequence[DataSource]) -> list[str]:
     """Every valid record's full text (prompt and answer), e.g. to train a tokenizer on."""
-    return ["".join(text for text, _ in segments) for source in sources for segments in read_source(source)]
+    return [
+        "".join(text for text, _ in segments if isinstance(text, str))
+        for source in sources
+        for segments in read_source(source)
+    ]
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, ...]], pad_id: int = 0) -> tuple[torch.Tensor, ...]:

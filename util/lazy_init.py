@@ -441,11 +441,15 @@ class _Filler:
         todo = sorted((mp for mp in plans if mp.todo), key=lambda mp: isinstance(mp.module, QuantLinear))
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             for mp in todo:
-                if isinstance(mp.module, QuantLinear) and mp.planned("weight") is not None:
-                    self._fill_quant_linear(mp)
-                else:
-                    self._fill_module(mp)
+                self.fill_one(mp)
                 memory.malloc_trim()
+
+    def fill_one(self, mp: ModulePlan) -> None:
+        """One module's tensors (bench/build_memory.py --trace wraps this to measure each module)."""
+        if isinstance(mp.module, QuantLinear) and mp.planned("weight") is not None:
+            self._fill_quant_linear(mp)
+        else:
+            self._fill_module(mp)
 
     # --- reading this rank's slice
 

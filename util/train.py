@@ -800,8 +800,9 @@ class Trainer:
         barrier()
         if self.pos.is_main:
             if tokenizer_path is not None:
-                src = Path(tokenizer_path)
-                shutil.copyfile(src / "tokenizer.model" if src.is_dir() else src, tmp / "tokenizer.model")
+                from util.tokenizer import copy_tokenizer
+
+                copy_tokenizer(tokenizer_path, tmp)  # tokenizer.model or tokenizer.json, with its config
             publish_dir(tmp, out)
         barrier()
         return out

@@ -77,3 +77,30 @@ def test_decoding_without_cache_or_past_max_seq_len_is_a_clear_error(weights, me
 def test_unset_vocab_size_is_refused():
     with pytest.raises(ValueError, match="vocab_size"):
         Transformer(tiny_args(vocab_size=-1))
+
+
+def test_tied_head_is_the_embedding_one_parameter_trained_by_both_uses(weights, tmp_path):
+    args, sd = weights
+    tied_args = args.replace(tie_word_embeddings=True)
+    tied_sd = {k: v for k, v in sd.items() if k != "output.weight"}
+    write_meta_checkpoint(tmp_path, tied_sd, params=params_of(args) | {"tie_word_embeddings": True})
+    model, report = build_model(None, [tmp_path], dtype=torch.float32)
+    assert model.args.tie_word_embeddings and model.output is None and report.loaded == len(tied_sd)
+    assert "output.weight" not in model.state_dict()
+    tokens = torch.randint(0, args.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    ref = reference_forward(tied_sd | {"output.weight": sd["tok_embeddings.weight"]}, tied_args, tokens)
+    torch.testing.assert_close(model(tokens).double(), ref, rtol=1e-4, atol=1e-4)
+    # the gradient reaches the embedding through the head too: rows of tokens never in the input still get one
+    model(tokens).logsumexp(-1).mean().backward()
+    unused = sorted(set(range(args.vocab_size)) - set(tokens.flatten().tolist()))
+    assert model.tok_embeddings.weight.grad[unused].abs().sum() > 0
+
+
+def test_head_size_other_than_dim_over_heads_matches_the_reference():
+    args = tiny_args(head_size=24)  # 4 heads of 24 on a width of 64
+    sd = random_state_dict(args, seed=3)
+    assert sd["layers.0.attention.wq.weight"].shape == (96, 64)
+    model = Transformer(args)
+    model.load_state_dict(sd, strict=False)
+    tokens = torch.randint(0, args.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(tokens).double(), reference_forward(sd, args, tokens), rtol=1e-4, atol=1e-4)

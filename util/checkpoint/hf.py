@@ -3,8 +3,8 @@
 rotate_half RoPE is undone on reading (applied on writing). Safetensors files with Meta's names (and no
 lazyllama metadata) are read here as they are.
 
-Holds the reader, the writer (`write_hf_checkpoint`), the config mapping (`hf_config_to_params`) and the
-detection rule; HF is the catch-all for safetensors, so it comes last in the registry.
+Holds the reader, the writer (`write_hf_checkpoint`), and the detection rule (config.json is
+translated by util/hf_config.py); HF is the catch-all for safetensors, so it comes last in the registry.
 """
 
 from __future__ import annotations
@@ -38,27 +38,7 @@ from util.checkpoint.reader import (
     unknown_file_type,
 )
 from util.checkpoint.safetensors import SafetensorsFile, WriteItem, dtype_name, write_safetensors
-
-# HF config.json field -> ModelArgs field
-_HF_CONFIG_MAP = {
-    "hidden_size": "dim",
-    "num_hidden_layers": "n_layers",
-    "num_attention_heads": "n_heads",
-    "num_key_value_heads": "n_kv_heads",
-    "intermediate_size": "ffn_hidden_dim",
-    "rms_norm_eps": "norm_eps",
-    "rope_theta": "rope_theta",
-    "vocab_size": "vocab_size",
-    "max_position_embeddings": "max_seq_len",
-}
-
-
-def hf_config_to_params(hf: Mapping[str, Any]) -> dict[str, Any]:
-    """Map a HF LLaMA config.json to ModelArgs field names; fields ModelArgs has no place for are dropped."""
-    params = {ours: hf[theirs] for theirs, ours in _HF_CONFIG_MAP.items() if hf.get(theirs) is not None}
-    if "n_heads" in params and "n_kv_heads" not in params:
-        params["n_kv_heads"] = params["n_heads"]  # HF's default when the field is absent (no GQA)
-    return params
+from util.hf_config import hf_config_to_params
 
 
 def _ffn_hidden_dim(params: Mapping[str, Any]) -> int:
@@ -86,7 +66,6 @@ class HFReader(CheckpointReader):
         config: dict[str, Any] | None,
         config_file: Path | None,
         weight_map: dict[str, str] | None = None,
-        tie_word_embeddings: bool = False,
     ):
         super().__init__(path, "hf", config)
         self._files = [SafetensorsFile(f) for f in files]
@@ -106,9 +85,8 @@ class HFReader(CheckpointReader):
                         f"{path}: the index model.safetensors.index.json says {name!r} is in {fname}, but "
                         f"{'that file does not have it' if fname in by_name else 'that file is missing'}"
                     )
-        # HF ties the output head to the embedding when tie_word_embeddings is set and saves no lm_head
-        if "output.weight" not in self._where and "tok_embeddings.weight" in self._where and tie_word_embeddings:
-            self._where["output.weight"] = self._where["tok_embeddings.weight"]
+        # A tied model (config tie_word_embeddings: true) saves no lm_head: its config builds a model whose head
+        # is the embedding (ModelArgs.tie_word_embeddings), so nothing is aliased here.
         for field in sorted(set(self._permuted.values())):
             if not config or not isinstance(config.get(field), int):
                 raise CheckpointError(
@@ -167,17 +145,18 @@ class HFReader(CheckpointReader):
             f.close()
 
 
-def _hf_config(path: Path) -> tuple[dict[str, Any] | None, Path | None, bool]:
-    """Config beside safetensors weights: config.json (mapped from HF names), else params.json (as is).
-
-    Also returns the file it came from and HF's tie_word_embeddings flag.
-    """
+def _hf_config(path: Path) -> tuple[dict[str, Any] | None, Path | None]:
+    """Config beside safetensors weights, and the file it came from: config.json (mapped from HF names by
+    util/hf_config.py; a field that is not implemented is an error naming it), else params.json (as is)."""
     cfg_path = path / "config.json"
     hf = read_config(cfg_path)
     if hf is not None:
-        return hf_config_to_params(hf), cfg_path, bool(hf.get("tie_word_embeddings", False))
+        try:
+            return hf_config_to_params(hf, source=cfg_path), cfg_path
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     meta_path = path / "params.json"
-    return read_config(meta_path), (meta_path if meta_path.is_file() else None), False
+    return read_config(meta_path), (meta_path if meta_path.is_file() else None)
 
 
 def _open_hf_dir(path: Path) -> HFReader:
@@ -199,8 +178,8 @@ def _open_hf_dir(path: Path) -> HFReader:
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{path}: no *.safetensors files (expected a Hugging Face checkpoint directory)")
-    config, config_file, tied = _hf_config(path)
-    return HFReader(path, files, config, config_file, weight_map, tied)
+    config, config_file = _hf_config(path)
+    return HFReader(path, files, config, config_file, weight_map)
 
 
 def detect(path: Path) -> bool:
@@ -218,8 +197,8 @@ def open_hf(path: Path) -> HFReader:
     if path.is_dir():
         return _open_hf_dir(path)
     if path.suffix == ".safetensors":
-        config, config_file, tied = _hf_config(path.parent)
-        return HFReader(path, [path], config, config_file, None, tied)
+        config, config_file = _hf_config(path.parent)
+        return HFReader(path, [path], config, config_file, None)
     raise unknown_file_type(path, "hf")
 
 
