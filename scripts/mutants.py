@@ -28,6 +28,7 @@ BACKUP = REPO / ".mutants-backup"
 TRAIN_REF = "tests/reference/test_train_step.py"
 ROPE_INIT = "tests/reference/test_rope_and_init.py"
 MEMORY = "tests/util/test_memory_bounds.py"
+HF_CONFIG = "tests/formats/test_hf_config.py"  # rope scaling against transformers' logits (h-cfg's tests)
 
 
 @dataclass(frozen=True)
@@ -129,9 +130,37 @@ MUTANTS = [
     Mutant(
         "rope_theta not passed to the rotary embedding",
         "model/llama.py",
-        "RotaryEmbedding(args.head_dim, args.max_seq_len, args.rope_theta)",
-        "RotaryEmbedding(args.head_dim, args.max_seq_len)",
+        "RotaryEmbedding(args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling_params)",
+        "RotaryEmbedding(args.head_dim, args.max_seq_len, scaling=args.rope_scaling_params)",
         (ROPE_INIT, "-k", "rope_theta"),
+    ),
+    Mutant(
+        "rope scaling not passed to the rotary embedding",
+        "model/llama.py",
+        "RotaryEmbedding(args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling_params)",
+        "RotaryEmbedding(args.head_dim, args.max_seq_len, args.rope_theta, None)",
+        (HF_CONFIG, "-k", "transformers5"),
+    ),
+    Mutant(
+        "linear rope scaling ignored",
+        "model/layers/rope.py",
+        '        return inv_freq / float(scaling["factor"])',
+        "        return inv_freq",
+        (HF_CONFIG, "-k", "transformers5"),
+    ),
+    Mutant(
+        "llama3 rope scaling: long wavelengths not interpolated",
+        "model/layers/rope.py",
+        "            wavelen > context / low, inv_freq / factor,",
+        "            wavelen > context / low, inv_freq,",
+        (HF_CONFIG, "-k", "transformers5"),
+    ),
+    Mutant(
+        "dynamic rope scaling: the base grows without the head_dim exponent",
+        "model/layers/rope.py",
+        "        theta = theta * (factor * seq_len / original - (factor - 1)) ** (head_dim / (head_dim - 2))",
+        "        theta = theta * (factor * seq_len / original - (factor - 1))",
+        (HF_CONFIG, "-k", "dynamic"),
     ),
     Mutant(
         "rope rotates the other way",

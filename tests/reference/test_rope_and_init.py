@@ -83,10 +83,14 @@ def test_no_two_modules_share_init_values(fresh):
     tensors are scaled copies of one random stream (correlation of their first elements near 0, not 1)."""
     tensors = {n: p.detach().flatten() for n, p in fresh.named_parameters() if p.ndim == 2 and ".lora_b" not in n}
     assert len(tensors) == 1 + 15 + 14
-    n = min(t.numel() for t in tensors.values())
-    for (na, a), (nb, b) in itertools.combinations(tensors.items(), 2):
-        corr = torch.corrcoef(torch.stack([a[:n], b[:n]]))[0, 1]
-        assert abs(float(corr)) < 0.1, (na, nb, float(corr))
+    _assert_uncorrelated(tensors)
+
+
+def _assert_uncorrelated(tensors):
+    names, n = list(tensors), min(t.numel() for t in tensors.values())
+    corr = torch.corrcoef(torch.stack([tensors[k][:n] for k in names]))
+    for i, j in itertools.combinations(range(len(names)), 2):
+        assert abs(float(corr[i, j])) < 0.1, (names[i], names[j], float(corr[i, j]))
 
 
 def test_quantized_linears_get_their_own_init_too():
@@ -103,6 +107,4 @@ def test_quantized_linears_get_their_own_init_too():
         n: m.dequantized_weight().float().flatten() for n, m in model.named_modules() if isinstance(m, QuantLinear)
     }
     assert len(weights) == 2 * 7
-    n = min(w.numel() for w in weights.values())
-    for (na, a), (nb, b) in itertools.combinations(weights.items(), 2):
-        assert abs(float(torch.corrcoef(torch.stack([a[:n], b[:n]]))[0, 1])) < 0.1, (na, nb)
+    _assert_uncorrelated(weights)
