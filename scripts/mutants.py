@@ -204,7 +204,7 @@ MUTANTS = [
         "util/lazy_init.py",
         "            torch.manual_seed(module_seed(self.seed, weight.key))",
         "            torch.manual_seed(self.seed)",
-        (ROPE_INIT, "-k", "share"),
+        (ROPE_INIT, "-k", "quantized_linears"),
     ),
     Mutant(
         "linear init bound from the output size",
@@ -284,7 +284,7 @@ MUTANTS = [
         "util/build.py",
         "    for reader in readers:\n        if reader.config:",
         "    for reader in reversed(readers):\n        if reader.config:",
-        ("tests/util/test_cli.py", "-k", "config_rule"),
+        ("tests/util/test_cli.py", "tests/util/test_config_order.py"),
     ),
     Mutant(
         "atomic_write leaves its temp file when the write fails",
