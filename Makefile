@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 
-.PHONY: test quickstart lint format bench-tiny browser
+.PHONY: test quickstart lint format bench-tiny browser mutants
 
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,3 +35,7 @@ format: $(STAMP)
 
 bench-tiny: $(STAMP)
 	$(PY) bench/build_memory.py --shape tiny
+
+# Mutation check (slow, not part of `test`): small bugs put in one at a time, caught / missed for each.
+mutants: $(STAMP)
+	$(PY) scripts/mutants.py

@@ -77,9 +77,17 @@ def test_conversation_only_the_assistant_turns_are_in_the_loss(tmp_path, tok):
 
 def test_max_words_truncates(tmp_path, tok):
     (segments,) = read_source(DataSource(_write(tmp_path / "a.json", ALPACA[:1]), "alpaca"))
-    full, _ = encode_segments(segments, tok, max_words=10_000)
+    full, full_labels = encode_segments(segments, tok, max_words=10_000)
     tokens, labels = encode_segments(segments, tok, max_words=len(full) - 3)
-    assert tokens == full[: len(full) - 3] and len(labels) == len(tokens)
+    # the end is cut (eos and the response's last tokens), in tokens and labels alike; the rest is unchanged
+    assert tokens == full[:-3] and labels == full_labels[:-3]
+    assert full[-1] == full_labels[-1] == tok.eos_id and tok.eos_id not in tokens
+    response = [i for i, lab in enumerate(full_labels) if lab != IGNORE_INDEX]
+    assert len(response) > 4 and labels[response[0] :] == tokens[response[0] :]  # response tokens still learnt
+    assert set(labels[: response[0]]) == {IGNORE_INDEX}
+    # cut inside the prompt: nothing left to learn
+    tokens, labels = encode_segments(segments, tok, max_words=response[0])
+    assert tokens == full[: response[0]] and set(labels) == {IGNORE_INDEX}
 
 
 def test_bad_records_are_reported_with_file_and_index_and_skipped(tmp_path, tok, caplog):

@@ -242,10 +242,16 @@ def test_saving_an_unquantized_model_is_refused(ckpt, tmp_path):
         save_quantized(model, tmp_path)
 
 
-def test_later_full_precision_checkpoint_wins_over_packed(nf4_dir, ckpt):
-    out, _ = nf4_dir
-    model, report = build_model(None, [out, ckpt], quant="4bit")  # later wins: quantized again from ckpt
+def test_later_full_precision_checkpoint_wins_over_packed(nf4_dir, tmp_path):
+    out, nf4_logits = nf4_dir
+    write_tiny_checkpoint(tmp_path, seed=11)  # other weights than the ones the packed checkpoint was made from
+    model, report = build_model(None, [out, tmp_path], quant="4bit")  # later wins: quantized from tmp_path
     assert report.quantized == N_QUANT and report.prequantized == 0 and report.unexpected_keys == []
+    alone, _ = build_model(None, [tmp_path], quant="4bit")
+    assert _packed(model).keys() == _packed(alone).keys()
+    for key, value in _packed(alone).items():
+        assert torch.equal(_packed(model)[key], value), key
+    assert torch.equal(_logits(model), _logits(alone)) and not torch.allclose(_logits(model), nf4_logits)
 
 
 # --- model parallel: one spawn, two processes ---
