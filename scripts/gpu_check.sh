@@ -29,6 +29,8 @@ MULTIPROCESS_TESTS=(
     tests/test_main_finetune.py::test_fsdp_full_finetuning_matches_ddp
     tests/test_main_finetune.py::test_model_parallel_grad_norm_counts_replicated_parameters_once
     tests/test_demo.py::test_model_parallel_2_under_torchrun
+    tests/formats/test_accessory.py::test_an_accessory_lora_and_bias_delta_runs_at_model_parallel_2
+    tests/reference/test_train_step.py::test_clipping_under_two_processes_equals_torch_clip_grad_norm
     tests/gpu/test_device_paths.py::test_demo_followers_wait_for_rank_0_longer_than_the_world_timeout
     tests/gpu/test_device_paths.py::test_test_workers_use_gloo_and_the_cpu_on_a_gpu_machine
     tests/gpu/test_device_paths.py::test_an_overflow_on_one_rank_skips_the_step_on_every_rank
