@@ -15,7 +15,10 @@ tokenizer.model). The config is the checkpoints' params.json/config.json, then -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +28,9 @@ from torch import nn
 
 from model.args import ModelArgs
 from model.peft import uses_peft
+from util import output_dir as out_lock
 from util.build import build_model, model_config, open_checkpoints
-from util.cli import process_groups, run, save_quantized_for_reuse, setup_logging
+from util.cli import is_main_process, process_groups, run, save_quantized_for_reuse, setup_logging
 from util.data import InstructionDataset, load_data_config
 from util.dist import DistInfo, init_distributed, init_process_group
 from util.quickstart import DATA_CONFIG, QUICKSTART_DIR, prepare_quickstart
@@ -105,6 +109,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     t.add_argument("--max_iters", type=int, help="optimizer steps in all (wins over --epochs)")
     t.add_argument("--clip_grad", type=float, help="max global grad norm, <= 0 for none (default 2.0)")
     t.add_argument("--seed", type=int)
+    t.add_argument(
+        "--max_bad_steps",
+        type=int,
+        help="stop after N steps in a row with a non-finite loss or grad norm (skipped), 0: never (default 5)",
+    )
 
     d = p.add_argument_group("data")
     d.add_argument("--data_config", help="YAML listing the data sources (default: the bundled quickstart data)")
@@ -192,46 +201,90 @@ def build_settings(opts: argparse.Namespace, args: ModelArgs, cfg: TrainConfig) 
     return quant, torch.float32 if cfg.precision == "fp32" or not peft else PRECISIONS[cfg.precision]
 
 
-def main(argv: list[str] | None = None) -> FinetuneResult:
+def main(argv: list[str] | None = None) -> FinetuneResult | int:
     opts = parse_args(argv)
     setup_logging()
     with process_groups():
         init_process_group()
-        if opts.quickstart:
-            opts = with_quickstart_inputs(opts)
-        info = init_distributed(opts.model_parallel_size)
-        device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-        output_dir = Path(opts.output_dir)
-        precision = opts.precision or ("bf16" if device.type == "cuda" else "fp32")
-        cfg = config_from(opts, output_dir=output_dir, precision=precision)
-        resume = [resolve_resume(opts.resume, output_dir)] if opts.resume else []
-        tokenizer_path = opts.tokenizer_path or (opts.pretrained_path[0] if opts.pretrained_path else None)
-        if tokenizer_path is None:
-            raise ValueError("no tokenizer: give --tokenizer_path (a sentencepiece tokenizer.model)")
-        tokenizer = Tokenizer(tokenizer_path)
+        # one run per --output_dir (rank 0 holds the lock for the whole run), checked before anything is made
+        with out_lock.locked(opts.output_dir) if is_main_process() else contextlib.nullcontext():
+            return _run(opts, sys.argv[1:] if argv is None else argv)
 
-        # each checkpoint opened once: the config, then the build (base(s), then the checkpoint resumed from)
-        with open_checkpoints(opts.pretrained_path, format=opts.pretrained_format) as bases:
-            args = model_config(bases, opts.llama_config, tokenizer=tokenizer)
-            dataset = load_data(opts, args, tokenizer)  # before the model: a bad data file fails in seconds
-            quant, dtype = build_settings(opts, args, cfg)
-            with open_checkpoints(resume) as resumed:
-                model, _ = build_model(
-                    args, [*bases, *resumed], quant=quant, dtype=dtype, device=device, seed=opts.seed
-                )
-        if opts.save_quantized:
-            save_quantized_for_reuse(model, opts.save_quantized, log.info)
 
-        trainer = Trainer(model, args, dataset, cfg, device=device, base_checkpoints=opts.pretrained_path)
-        if info.is_main:
-            log_plan(trainer, len(dataset), info)
-        if resume:
-            trainer.resume(resume[0])
+def _run(opts: argparse.Namespace, argv: list[str]) -> FinetuneResult | int:
+    if opts.quickstart:
+        opts = with_quickstart_inputs(opts)
+    info = init_distributed(opts.model_parallel_size)
+    device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    output_dir = Path(opts.output_dir)
+    precision = opts.precision or ("bf16" if device.type == "cuda" else "fp32")
+    cfg = config_from(opts, output_dir=output_dir, precision=precision)
+    resume = [resolve_resume(opts.resume, output_dir)] if opts.resume else []
+    tokenizer_path = opts.tokenizer_path or (opts.pretrained_path[0] if opts.pretrained_path else None)
+    if tokenizer_path is None:
+        raise ValueError("no tokenizer: give --tokenizer_path (a sentencepiece tokenizer.model)")
+    tokenizer = Tokenizer(tokenizer_path)
+
+    # each checkpoint opened once: the config, then the build (base(s), then the checkpoint resumed from)
+    with open_checkpoints(opts.pretrained_path, format=opts.pretrained_format) as bases:
+        args = model_config(bases, opts.llama_config, tokenizer=tokenizer)
+        dataset = load_data(opts, args, tokenizer)  # before the model: a bad data file fails in seconds
+        quant, dtype = build_settings(opts, args, cfg)
+        if info.is_main:  # a read-only or full disk is reported now, not after the build and the first steps
+            out_lock.check_writable(output_dir, 2 * checkpoint_bytes(args, quant, cfg))
+        with open_checkpoints(resume) as resumed:
+            model, _ = build_model(args, [*bases, *resumed], quant=quant, dtype=dtype, device=device, seed=opts.seed)
+    if opts.save_quantized:
+        save_quantized_for_reuse(model, opts.save_quantized, log.info)
+
+    trainer = Trainer(model, args, dataset, cfg, device=device, base_checkpoints=opts.pretrained_path)
+    if info.is_main:
+        log_plan(trainer, len(dataset), info)
+    if resume:
+        trainer.resume(resume[0])
+    try:
         losses = trainer.fit()
-        final = trainer.save_final(output_dir / "final", tokenizer.path)
+    except KeyboardInterrupt:
         if info.is_main:
-            print_summary(opts, trainer, final, losses, quant)
-        return FinetuneResult(final, losses, trainer.module, args, [*map(Path, opts.pretrained_path), *resume])
+            print(interrupted(trainer, argv), file=sys.stderr, flush=True)
+        return 130  # as a shell reports a process ended by SIGINT
+    final = trainer.save_final(output_dir / "final", tokenizer.path)
+    if info.is_main:
+        print_summary(opts, trainer, final, losses, quant)
+    return FinetuneResult(final, losses, trainer.module, args, [*map(Path, opts.pretrained_path), *resume])
+
+
+def checkpoint_bytes(args: ModelArgs, quant: str | None, cfg: TrainConfig) -> int:
+    """About the size of one checkpoint, from the config alone (before the model exists): the trainable tensors in
+    fp32 with AdamW's two moments, plus the frozen weights where the full model is saved."""
+    d, hd, f = args.dim, args.head_dim, args.hidden_dim
+    q, kv = args.n_heads * hd, args.n_kv_heads * hd
+    shapes = {"wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d), "w1": (d, f), "w2": (f, d), "w3": (d, f)}
+    per_layer = sum(i * o for i, o in shapes.values()) + 2 * d
+    total = args.n_layers * per_layer + args.vocab_size * d * (1 if args.tie_word_embeddings else 2) + d
+    if uses_peft(args):
+        lora = args.lora_rank * sum(sum(shapes[t]) for t in args.lora_targets if t in shapes) * args.n_layers
+        trainable = lora + args.adapter_len * d * args.adapter_layers + (4 * d + 2 * f) * args.n_layers
+    else:
+        trainable = total
+    saved = trainable if quant or cfg.only_save_trainable else total
+    return 4 * saved + 8 * trainable
+
+
+def interrupted(trainer: Trainer, argv: list[str]) -> str:
+    """What a Ctrl-C during training prints: where it stopped, the checkpoint to continue from and the command."""
+    where = f"interrupted at iteration {trainer.iteration} of {trainer.total_iters}"
+    last = trainer.last_checkpoint
+    if last is None:
+        return (
+            f"{where}; no checkpoint was saved, so there is nothing to resume from (--save_iteration_interval N "
+            "saves every N steps)"
+        )
+    drop = {i + 1 for i, a in enumerate(argv) if a == "--resume"}  # the old --resume and its value
+    kept = [a for i, a in enumerate(argv) if i not in drop and a != "--resume" and not a.startswith("--resume=")]
+    launcher = "torchrun ... " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "python "
+    command = launcher + shlex.join(["main_finetune.py", *kept, "--resume", str(last)])
+    return f"{where}; the last checkpoint is {last}; continue with:\n  {command}"
 
 
 def log_plan(trainer: Trainer, examples: int, info: DistInfo) -> None:

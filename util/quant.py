@@ -65,6 +65,38 @@ NESTED_BLOCKSIZE = 256
 CHUNK_ELEMENTS = 1 << 22
 
 
+class NonFiniteWeight(ValueError):
+    """A weight to quantize holds NaN/Inf (or overflows the model's dtype): packed, it would pass unnoticed, as
+    codes whose scale is NaN. The caller adds which tensor and file."""
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in a floating tensor. min and max instead of isfinite(): no bool temporary of the tensor's size
+    (a NaN propagates into both, an Inf is one of them), and several times faster on CPU."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    try:
+        low, high = torch.aminmax(t.detach().reshape(-1))
+        return math.isfinite(float(low)) and math.isfinite(float(high))
+    except (RuntimeError, NotImplementedError):  # a dtype/device without aminmax
+        return bool(torch.isfinite(t).all())
+
+
+def _require_finite(chunk: torch.Tensor, lo: int, hi: int) -> None:
+    if not all_finite(chunk):
+        raise NonFiniteWeight(f"rows {lo}-{hi - 1} hold NaN or Inf")
+
+
+def _require_finite_scales(scales: torch.Tensor, dtype: torch.dtype) -> None:
+    # The input was finite, so a non-finite scale means a value overflowed the model's dtype on the way (an fp32
+    # 1e6 is Inf in fp16, and int8 quantization goes through fp16).
+    if not all_finite(scales):
+        raise NonFiniteWeight(
+            f"its quantization scales are NaN/Inf: a value overflows {dtype} on the way to the quantizer; build in "
+            "bf16/fp32 or fix the checkpoint"
+        )
+
+
 def quant_spec(quant: str | QuantSpec) -> QuantSpec:
     if isinstance(quant, QuantSpec):
         return quant
@@ -115,6 +147,7 @@ def quantize_4bit_chunked(
         start, m = lo * cols, (hi - lo) * cols
         p_out = packed[start // 2 : start // 2 + (m + 1) // 2]  # chunks start on block (so even) boundaries
         a_out = absmax[start // bs : start // bs + math.ceil(m / bs)]
+        _require_finite(weight[lo:hi], lo, hi)  # before packing: a NaN among the codes is invisible afterwards
         if fast:  # casts to `dtype` step by step, in its workers: no converted copy of the chunk
             chunk = weight[lo:hi].to(device=device)
             quantize_4bit_blocks(chunk, bs, spec.quant_type, via=(dtype,), out=p_out, absmax_out=a_out)
@@ -125,6 +158,7 @@ def quantize_4bit_chunked(
             a_out.copy_(amax)
             del out, amax
         del chunk
+    _require_finite_scales(absmax, dtype)
     code = bnbF.get_4bit_type(spec.quant_type, device=device)
     nested = {}
     if spec.compress_statistics:  # double quantization of the absmax, as bitsandbytes does it
@@ -156,6 +190,7 @@ def quantize_8bit_chunked(
     scb = torch.empty(rows, dtype=torch.float32, device=device)
     fast = _fast_quant_on(torch.device(device), "int8")
     for lo, hi in _row_chunks(rows, cols):
+        _require_finite(weight[lo:hi], lo, hi)
         if fast:
             chunk = weight[lo:hi].to(device=device)
             int8_rowwise(chunk, via=(dtype or weight.dtype, torch.float16), out=(cb[lo:hi], scb[lo:hi]))
@@ -163,6 +198,7 @@ def quantize_8bit_chunked(
             chunk = weight[lo:hi].to(device=device, dtype=dtype or weight.dtype).to(torch.float16)
             cb[lo:hi], scb[lo:hi], _ = bnbF.int8_vectorwise_quant(chunk)
         del chunk
+    _require_finite_scales(scb, torch.float16)
     return cb, scb
 
 
