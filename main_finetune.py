@@ -203,55 +203,53 @@ def build_settings(opts: argparse.Namespace, args: ModelArgs, cfg: TrainConfig) 
 
 def main(argv: list[str] | None = None) -> FinetuneResult | int:
     opts = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     setup_logging()
-    with process_groups():
+    # one run per --output_dir: rank 0 holds its lock for the whole run, taken before anything is made there
+    with process_groups(), out_lock.locked(opts.output_dir) if is_main_process() else contextlib.nullcontext():
         init_process_group()
-        # one run per --output_dir (rank 0 holds the lock for the whole run), checked before anything is made
-        with out_lock.locked(opts.output_dir) if is_main_process() else contextlib.nullcontext():
-            return _run(opts, sys.argv[1:] if argv is None else argv)
+        if opts.quickstart:
+            opts = with_quickstart_inputs(opts)
+        info = init_distributed(opts.model_parallel_size)
+        device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        output_dir = Path(opts.output_dir)
+        precision = opts.precision or ("bf16" if device.type == "cuda" else "fp32")
+        cfg = config_from(opts, output_dir=output_dir, precision=precision)
+        resume = [resolve_resume(opts.resume, output_dir)] if opts.resume else []
+        tokenizer_path = opts.tokenizer_path or (opts.pretrained_path[0] if opts.pretrained_path else None)
+        if tokenizer_path is None:
+            raise ValueError("no tokenizer: give --tokenizer_path (a sentencepiece tokenizer.model)")
+        tokenizer = Tokenizer(tokenizer_path)
 
+        # each checkpoint opened once: the config, then the build (base(s), then the checkpoint resumed from)
+        with open_checkpoints(opts.pretrained_path, format=opts.pretrained_format) as bases:
+            args = model_config(bases, opts.llama_config, tokenizer=tokenizer)
+            dataset = load_data(opts, args, tokenizer)  # before the model: a bad data file fails in seconds
+            quant, dtype = build_settings(opts, args, cfg)
+            if info.is_main:  # a read-only or full disk is reported now, not after the build and the first steps
+                out_lock.check_writable(output_dir, 2 * checkpoint_bytes(args, quant, cfg))
+            with open_checkpoints(resume) as resumed:
+                model, _ = build_model(
+                    args, [*bases, *resumed], quant=quant, dtype=dtype, device=device, seed=opts.seed
+                )
+        if opts.save_quantized:
+            save_quantized_for_reuse(model, opts.save_quantized, log.info)
 
-def _run(opts: argparse.Namespace, argv: list[str]) -> FinetuneResult | int:
-    if opts.quickstart:
-        opts = with_quickstart_inputs(opts)
-    info = init_distributed(opts.model_parallel_size)
-    device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    output_dir = Path(opts.output_dir)
-    precision = opts.precision or ("bf16" if device.type == "cuda" else "fp32")
-    cfg = config_from(opts, output_dir=output_dir, precision=precision)
-    resume = [resolve_resume(opts.resume, output_dir)] if opts.resume else []
-    tokenizer_path = opts.tokenizer_path or (opts.pretrained_path[0] if opts.pretrained_path else None)
-    if tokenizer_path is None:
-        raise ValueError("no tokenizer: give --tokenizer_path (a sentencepiece tokenizer.model)")
-    tokenizer = Tokenizer(tokenizer_path)
-
-    # each checkpoint opened once: the config, then the build (base(s), then the checkpoint resumed from)
-    with open_checkpoints(opts.pretrained_path, format=opts.pretrained_format) as bases:
-        args = model_config(bases, opts.llama_config, tokenizer=tokenizer)
-        dataset = load_data(opts, args, tokenizer)  # before the model: a bad data file fails in seconds
-        quant, dtype = build_settings(opts, args, cfg)
-        if info.is_main:  # a read-only or full disk is reported now, not after the build and the first steps
-            out_lock.check_writable(output_dir, 2 * checkpoint_bytes(args, quant, cfg))
-        with open_checkpoints(resume) as resumed:
-            model, _ = build_model(args, [*bases, *resumed], quant=quant, dtype=dtype, device=device, seed=opts.seed)
-    if opts.save_quantized:
-        save_quantized_for_reuse(model, opts.save_quantized, log.info)
-
-    trainer = Trainer(model, args, dataset, cfg, device=device, base_checkpoints=opts.pretrained_path)
-    if info.is_main:
-        log_plan(trainer, len(dataset), info)
-    if resume:
-        trainer.resume(resume[0])
-    try:
-        losses = trainer.fit()
-    except KeyboardInterrupt:
+        trainer = Trainer(model, args, dataset, cfg, device=device, base_checkpoints=opts.pretrained_path)
         if info.is_main:
-            print(interrupted(trainer, argv), file=sys.stderr, flush=True)
-        return 130  # as a shell reports a process ended by SIGINT
-    final = trainer.save_final(output_dir / "final", tokenizer.path)
-    if info.is_main:
-        print_summary(opts, trainer, final, losses, quant)
-    return FinetuneResult(final, losses, trainer.module, args, [*map(Path, opts.pretrained_path), *resume])
+            log_plan(trainer, len(dataset), info)
+        if resume:
+            trainer.resume(resume[0])
+        try:
+            losses = trainer.fit()
+        except KeyboardInterrupt:
+            if info.is_main:
+                print(interrupted(trainer, argv), file=sys.stderr, flush=True)
+            return 130  # as a shell reports a process ended by SIGINT
+        final = trainer.save_final(output_dir / "final", tokenizer.path)
+        if info.is_main:
+            print_summary(opts, trainer, final, losses, quant)
+        return FinetuneResult(final, losses, trainer.module, args, [*map(Path, opts.pretrained_path), *resume])
 
 
 def checkpoint_bytes(args: ModelArgs, quant: str | None, cfg: TrainConfig) -> int:

@@ -694,12 +694,25 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
             self._report(result, time.perf_counter() - t0, logger, bar)
             if cfg.save_iteration_interval and self.iteration % cfg.save_iteration_interval == 0:
-                self.save_checkpoint()
+                self._save_unless_diverging()
         self._warn_empty_examples()
         epoch_done = self.step_in_epoch >= self.steps_per_epoch
         epoch_save = epoch_done and cfg.save_interval and (self.epoch + 1) % cfg.save_interval == 0
         if epoch_save and self._last_saved != self.iteration:
-            self.save_checkpoint()
+            self._save_unless_diverging()
+
+    def _save_unless_diverging(self) -> None:
+        """A checkpoint, unless the last step was skipped as non-finite: its weights are finite but are the ones that
+        just gave NaN, and saving them could rotate the last good checkpoint out (--keep_last)."""
+        if self.bad_steps:
+            if self.pos.is_main:
+                log.warning(
+                    "iteration %d: checkpoint not written (the last step's loss or grad norm was not finite); %s",
+                    self.iteration,
+                    self._last_good(),
+                )
+            return
+        self.save_checkpoint()
 
     def _count_bad_step(self, result: StepResult) -> None:
         """The divergence guard: a step with a non-finite loss or grad norm made no update; max_bad_steps of them in
