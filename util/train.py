@@ -408,6 +408,9 @@ def _load_pt(path: Path) -> Any:
         ) from None
 
 
+_PENDING_INTERRUPT: list[int] = []  # a Ctrl-C held by _interrupt_after (the save pause test hook ends on it)
+
+
 @contextlib.contextmanager
 def _interrupt_after(what: str):
     """A Ctrl-C (SIGINT) inside the block is held until the block ends, then raised: a save is finished rather
@@ -416,7 +419,8 @@ def _interrupt_after(what: str):
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    pending = []
+    pending = _PENDING_INTERRUPT
+    pending.clear()
 
     def hold(signum, frame):
         if pending:
@@ -970,7 +974,9 @@ class Trainer:
         iteration, seconds = spec.split(":")
         if int(iteration) == self.iteration:
             print(f"pausing {seconds} s mid-save of {tmp} ({SAVE_PAUSE_ENV})", flush=True)
-            time.sleep(float(seconds))
+            end = time.monotonic() + float(seconds)
+            while time.monotonic() < end and not _PENDING_INTERRUPT:  # a Ctrl-C ends the pause, the save goes on
+                time.sleep(0.05)
 
     def save_final(self, out: str | Path, tokenizer_path: str | Path | None = None) -> Path:
         """All ranks: the trained model (trainable-only or full, with the full config in params.json, so
