@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,10 @@ class ModelArgs:
         if isinstance(self.lora_targets, list):
             self.lora_targets = tuple(self.lora_targets)
         # types and ranges first: a 0 or a string below would surface as a ZeroDivisionError or TypeError
-        _check_types({f.name: getattr(self, f.name) for f in fields(self)}, "ModelArgs")
+        numbers_given = {name: getattr(self, name) for name in (*_MINIMUM, *_POSITIVE, "vocab_size", "lora_alpha")}
+        for name, value in numbers_given.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise TypeError(f"ModelArgs: {name}={value!r} is not a valid value: expected a number")
         problems = _range_problems(self)
         if problems:
             raise ValueError("invalid ModelArgs: " + "; ".join(problems))
@@ -187,6 +191,9 @@ _MINIMUM: dict[str, int] = {
 }
 
 
+_POSITIVE = ("norm_eps", "rope_theta", "ffn_dim_multiplier")  # finite and > 0 where given
+
+
 def _range_problems(a: ModelArgs) -> list[str]:
     """Values of the right type that no model can have (n_heads 0, lora_rank -3, a NaN epsilon), each named."""
     problems = [
@@ -198,8 +205,8 @@ def _range_problems(a: ModelArgs) -> list[str]:
         problems.append(f"vocab_size={a.vocab_size} must be >= 1 (or -1: from the tokenizer/checkpoint)")
     if a.adapter_layers > a.n_layers:
         problems.append(f"adapter_layers={a.adapter_layers} exceeds n_layers={a.n_layers}")
-    positive = {"norm_eps": a.norm_eps, "rope_theta": a.rope_theta, "ffn_dim_multiplier": a.ffn_dim_multiplier}
-    for name, value in positive.items():
+    for name in _POSITIVE:
+        value = getattr(a, name)
         if value is not None and not (math.isfinite(value) and value > 0):
             problems.append(f"{name}={value} must be a finite number > 0")
     if not math.isfinite(a.lora_alpha):

@@ -183,3 +183,18 @@ def test_a_data_ratio_that_is_not_finite_is_an_error_naming_the_file(ratio, tmp_
     with pytest.raises(DataError, match="ratio must be a finite number > 0") as caught:
         load_data_config(cfg)
     assert str(cfg) in str(caught.value)
+
+
+def test_the_chat_with_a_nan_in_a_quantized_weight_is_one_error_line_not_garbage(tmp_path, capsys):
+    """The issue: demo.py printed '⁇ ⁇ ⁇' from a NaN base built --quant 4bit."""
+    import demo
+    from tests.finetune_env import make_env
+
+    env = make_env(tmp_path / "env")
+    args = ModelArgs.from_json(env.base / "params.json")
+    sd = random_state_dict(args, seed=1)
+    sd["layers.0.attention.wq.weight"][0, 0] = math.nan
+    write_meta_checkpoint(tmp_path / "nan", sd, params=params_of(args))
+    argv = ["--tokenizer_path", str(env.tokenizer), "--pretrained_path", str(tmp_path / "nan"), "--prompt", "hi"]
+    error = _error_line(capsys, lambda: demo.main(argv))
+    assert "layers.0.attention.wq.weight" in error and "NaN or Inf" in error
