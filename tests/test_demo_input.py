@@ -106,6 +106,6 @@ def test_the_web_page_answers_a_message_with_a_lone_surrogate(web_server):  # no
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_a_sampling_value_that_is_not_finite_is_a_usage_error(option, value, capsys):
     with pytest.raises(SystemExit) as caught:
-        demo.parse_args([option, value, "--prompt", "hi"])
+        demo.parse_args([f"{option}={value}", "--prompt", "hi"])  # '=': argparse takes a bare -inf for an option
     assert caught.value.code == 2
     assert f"argument {option}: {value!r} is not a finite number" in capsys.readouterr().err

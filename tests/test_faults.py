@@ -180,7 +180,7 @@ def test_a_data_ratio_that_is_not_finite_is_an_error_naming_the_file(ratio, tmp_
 
     cfg = tmp_path / "data.yaml"
     cfg.write_text(f"sources:\n  - {{path: {REPO / 'data' / 'alpaca_tiny.json'}, type: alpaca, ratio: {ratio}}}\n")
-    with pytest.raises(DataError, match="ratio must be a finite number > 0") as caught:
+    with pytest.raises(DataError, match="ratio must be a number > 0 and finite") as caught:
         load_data_config(cfg)
     assert str(cfg) in str(caught.value)
 

@@ -85,7 +85,7 @@ def load_data_config(path: str | Path) -> list[DataSource]:
             raise DataError(f"{where}: type {entry.get('type')!r} is not one of {list(DATA_TYPES)}")
         ratio = entry.get("ratio", 1.0)
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (ratio > 0 and math.isfinite(ratio)):
-            raise DataError(f"{where}: ratio must be a finite number > 0, got {ratio!r}")
+            raise DataError(f"{where}: ratio must be a number > 0 and finite, got {ratio!r}")
         raw = Path(entry["path"])
         candidates = [raw] if raw.is_absolute() else [cfg_path.parent / raw, Path.cwd() / raw]
         found = next((c for c in candidates if c.is_file()), None)

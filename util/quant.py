@@ -125,7 +125,7 @@ def _fast_quant_on(device: torch.device, kind: str) -> bool:
 
 
 def quantize_4bit_chunked(
-    weight: torch.Tensor, spec: QuantSpec, *, device: torch.device, dtype: torch.dtype
+    weight: torch.Tensor, spec: QuantSpec, *, device: torch.device, dtype: torch.dtype, check_finite: bool = False
 ) -> tuple[torch.Tensor, bnbF.QuantState]:
     """bitsandbytes' quantize_4bit, bit for bit, done in row chunks.
 
@@ -134,7 +134,8 @@ def quantize_4bit_chunked(
     `weight` may be a read-only view into an mmap'd checkpoint. Its values are quantized as rounded to `dtype` (the
     model's dtype, as an eagerly built model would have held them): on CPU by util.fast_quant, which reads the chunk
     in place and rounds step by step (same bits as bitsandbytes' op, much faster); elsewhere each chunk is copied to
-    `device` in `dtype` just before bitsandbytes quantizes it.
+    `device` in `dtype` just before bitsandbytes quantizes it. check_finite: NonFiniteWeight for NaN/Inf in a chunk
+    (checked while it is in cache) or in the scales; off, this is bitsandbytes' op exactly, specials included.
     """
     rows, cols = weight.shape
     n = rows * cols
@@ -147,7 +148,8 @@ def quantize_4bit_chunked(
         start, m = lo * cols, (hi - lo) * cols
         p_out = packed[start // 2 : start // 2 + (m + 1) // 2]  # chunks start on block (so even) boundaries
         a_out = absmax[start // bs : start // bs + math.ceil(m / bs)]
-        _require_finite(weight[lo:hi], lo, hi)  # before packing: a NaN among the codes is invisible afterwards
+        if check_finite:  # before packing: a NaN among the codes is invisible afterwards
+            _require_finite(weight[lo:hi], lo, hi)
         if fast:  # casts to `dtype` step by step, in its workers: no converted copy of the chunk
             chunk = weight[lo:hi].to(device=device)
             quantize_4bit_blocks(chunk, bs, spec.quant_type, via=(dtype,), out=p_out, absmax_out=a_out)
@@ -158,7 +160,8 @@ def quantize_4bit_chunked(
             a_out.copy_(amax)
             del out, amax
         del chunk
-    _require_finite_scales(absmax, dtype)
+    if check_finite:
+        _require_finite_scales(absmax, dtype)
     code = bnbF.get_4bit_type(spec.quant_type, device=device)
     nested = {}
     if spec.compress_statistics:  # double quantization of the absmax, as bitsandbytes does it
@@ -178,7 +181,7 @@ def quantize_4bit_chunked(
 
 
 def quantize_8bit_chunked(
-    weight: torch.Tensor, *, device: torch.device, dtype: torch.dtype | None = None
+    weight: torch.Tensor, *, device: torch.device, dtype: torch.dtype | None = None, check_finite: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """bitsandbytes' row-wise int8 quantization (as Int8Params does: via fp16), in row chunks.
 
@@ -190,7 +193,8 @@ def quantize_8bit_chunked(
     scb = torch.empty(rows, dtype=torch.float32, device=device)
     fast = _fast_quant_on(torch.device(device), "int8")
     for lo, hi in _row_chunks(rows, cols):
-        _require_finite(weight[lo:hi], lo, hi)
+        if check_finite:
+            _require_finite(weight[lo:hi], lo, hi)
         if fast:
             chunk = weight[lo:hi].to(device=device)
             int8_rowwise(chunk, via=(dtype or weight.dtype, torch.float16), out=(cb[lo:hi], scb[lo:hi]))
@@ -198,7 +202,8 @@ def quantize_8bit_chunked(
             chunk = weight[lo:hi].to(device=device, dtype=dtype or weight.dtype).to(torch.float16)
             cb[lo:hi], scb[lo:hi], _ = bnbF.int8_vectorwise_quant(chunk)
         del chunk
-    _require_finite_scales(scb, torch.float16)
+    if check_finite:
+        _require_finite_scales(scb, torch.float16)
     return cb, scb
 
 
@@ -270,10 +275,12 @@ class QuantLinear(nn.Module):
         expected = self.local_shape
         if tuple(weight.shape) != expected:
             raise ValueError(f"{type(self).__name__}: weight of shape {tuple(weight.shape)}, expected {expected}")
+        # NaN/Inf refused (NonFiniteWeight): packed, they would pass as codes with a NaN scale
+        kw = dict(device=device, dtype=self.weight_dtype, check_finite=True)
         if self.spec.bits == 4:
-            self._install_4bit(*quantize_4bit_chunked(weight, self.spec, device=device, dtype=self.weight_dtype))
+            self._install_4bit(*quantize_4bit_chunked(weight, self.spec, **kw))
         else:
-            self._install_8bit(*quantize_8bit_chunked(weight, device=device, dtype=self.weight_dtype))
+            self._install_8bit(*quantize_8bit_chunked(weight, **kw))
 
     def _install_4bit(self, packed: torch.Tensor, state: bnbF.QuantState) -> None:
         self.weight = Params4bit(
