@@ -88,12 +88,15 @@ def _require_finite(chunk: torch.Tensor, lo: int, hi: int) -> None:
 
 
 def _require_finite_scales(scales: torch.Tensor, dtype: torch.dtype) -> None:
-    # The input was finite, so a non-finite scale means a value overflowed the model's dtype on the way (an fp32
-    # 1e6 is Inf in fp16, and int8 quantization goes through fp16).
+    # A block's scale is its largest |value| as rounded to the model's dtype: NaN or Inf in the input, or a value
+    # beyond that dtype's range (an fp32 1e6 is Inf in fp16; int8 goes through fp16), make it NaN/Inf. On CPU that
+    # is the whole check (util.fast_quant's and bitsandbytes' CPU max propagate NaN, tests/test_faults.py holds it
+    # to that; checking every input chunk too doubled the quantization time). Elsewhere each chunk on the device
+    # is checked before bitsandbytes' kernels see it, as a GPU max may drop a NaN (fmaxf).
     if not all_finite(scales):
         raise NonFiniteWeight(
-            f"its quantization scales are NaN/Inf: a value overflows {dtype} on the way to the quantizer; build in "
-            "bf16/fp32 or fix the checkpoint"
+            f"its quantization scales are NaN/Inf: the weight holds NaN or Inf, or a value overflows {dtype} on the "
+            "way to the quantizer (then build in bf16/fp32)"
         )
 
 
@@ -134,8 +137,8 @@ def quantize_4bit_chunked(
     `weight` may be a read-only view into an mmap'd checkpoint. Its values are quantized as rounded to `dtype` (the
     model's dtype, as an eagerly built model would have held them): on CPU by util.fast_quant, which reads the chunk
     in place and rounds step by step (same bits as bitsandbytes' op, much faster); elsewhere each chunk is copied to
-    `device` in `dtype` just before bitsandbytes quantizes it. check_finite: NonFiniteWeight for NaN/Inf in a chunk
-    (checked while it is in cache) or in the scales; off, this is bitsandbytes' op exactly, specials included.
+    `device` in `dtype` just before bitsandbytes quantizes it. check_finite: NonFiniteWeight for NaN/Inf; off, this
+    is bitsandbytes' op exactly, specials included (see _require_finite_scales for what is checked where).
     """
     rows, cols = weight.shape
     n = rows * cols
@@ -148,13 +151,13 @@ def quantize_4bit_chunked(
         start, m = lo * cols, (hi - lo) * cols
         p_out = packed[start // 2 : start // 2 + (m + 1) // 2]  # chunks start on block (so even) boundaries
         a_out = absmax[start // bs : start // bs + math.ceil(m / bs)]
-        if check_finite:  # before packing: a NaN among the codes is invisible afterwards
-            _require_finite(weight[lo:hi], lo, hi)
         if fast:  # casts to `dtype` step by step, in its workers: no converted copy of the chunk
             chunk = weight[lo:hi].to(device=device)
             quantize_4bit_blocks(chunk, bs, spec.quant_type, via=(dtype,), out=p_out, absmax_out=a_out)
         else:
             chunk = weight[lo:hi].to(device=device, dtype=dtype)
+            if check_finite:
+                _require_finite(chunk, lo, hi)
             out, amax = torch.ops.bitsandbytes.quantize_4bit.default(chunk, bs, spec.quant_type, torch.uint8)
             p_out.copy_(out)
             a_out.copy_(amax)
@@ -193,13 +196,13 @@ def quantize_8bit_chunked(
     scb = torch.empty(rows, dtype=torch.float32, device=device)
     fast = _fast_quant_on(torch.device(device), "int8")
     for lo, hi in _row_chunks(rows, cols):
-        if check_finite:
-            _require_finite(weight[lo:hi], lo, hi)
         if fast:
             chunk = weight[lo:hi].to(device=device)
             int8_rowwise(chunk, via=(dtype or weight.dtype, torch.float16), out=(cb[lo:hi], scb[lo:hi]))
         else:
             chunk = weight[lo:hi].to(device=device, dtype=dtype or weight.dtype).to(torch.float16)
+            if check_finite:
+                _require_finite(chunk, lo, hi)
             cb[lo:hi], scb[lo:hi], _ = bnbF.int8_vectorwise_quant(chunk)
         del chunk
     if check_finite:
