@@ -54,13 +54,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model (no arguments: the bundled fine-tuning default in out/quickstart)")
     m.add_argument("--llama_config", nargs="+", type=Path, help="JSON config(s), merged in order (later wins)")
-    m.add_argument("--tokenizer_path", type=Path, help="sentencepiece tokenizer.model (or a folder holding one)")
+    m.add_argument(
+        "--tokenizer_path", type=Path,
+        help="tokenizer.model (sentencepiece or Llama 3's tiktoken), tokenizer.json, or a folder holding one",
+    )  # fmt: skip
     m.add_argument("--pretrained_path", nargs="+", type=Path, help="checkpoint(s) loaded in order: base, deltas")
     m.add_argument("--quant", default="4bit", choices=["none", "4bit", "4bit_fp4", "8bit"])
     m.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     m.add_argument("--device", default=None, help="default: cuda (this rank's GPU) if available, else cpu")
     m.add_argument("--model_parallel_size", type=int, default=1, help="launch with torchrun --nproc_per_node N")
     m.add_argument("--raw", action="store_true", help="no chat template and no history (a base model)")
+    m.add_argument(
+        "--chat_format", default="auto", choices=["auto", "lazyllama", "llama2", "llama3"],
+        help="auto: from the tokenizer (its chat template; Llama 3's header tokens), else this project's template",
+    )  # fmt: skip
     s = p.add_argument_group("sampling (the web page has its own controls)")
     s.add_argument("--max_new_tokens", type=int, default=None, help="default: 128, at most a quarter of the context")
     s.add_argument("--temperature", type=finite_float, default=0.7, help="0: greedy")
@@ -107,10 +114,11 @@ def resolve_paths(opts: argparse.Namespace) -> argparse.Namespace:
                 "or point at a model: --llama_config params.json --tokenizer_path tokenizer.model "
                 "--pretrained_path CHECKPOINT"
             )
-    if opts.tokenizer_path is None:  # Meta and HF checkpoints ship tokenizer.model next to the weights
-        found = [p / "tokenizer.model" for p in opts.pretrained_path or [] if (p / "tokenizer.model").is_file()]
+    if opts.tokenizer_path is None:  # Meta and HF checkpoints ship tokenizer.model / tokenizer.json with the weights
+        names = ("tokenizer.json", "tokenizer.model")
+        found = [p for p in opts.pretrained_path or [] if any((p / n).is_file() for n in names)]
         if not found:
-            raise ValueError("no tokenizer: pass --tokenizer_path tokenizer.model")
+            raise ValueError("no tokenizer: pass --tokenizer_path tokenizer.model (or tokenizer.json)")
         opts.tokenizer_path = found[0]
     if opts.llama_config is None and not opts.pretrained_path:
         raise ValueError(
@@ -161,20 +169,23 @@ class Group:
     """Rank 0 decides (reads input, takes web requests) and shares each request with the other ranks, which all
     generate with it; a single process shares with nobody."""
 
-    def __init__(self, model_parallel_size: int) -> None:
+    def __init__(self, model_parallel_size: int, backend: str | None = None) -> None:
         self.rank, self.world_size = 0, 1
         if model_parallel_size > 1 or "RANK" in os.environ:
             import torch.distributed as dist
 
-            from util.dist import init_distributed
+            from util.dist import control_group, init_distributed
 
-            info = init_distributed(model_parallel_size)
+            info = init_distributed(model_parallel_size, backend=backend)
             if info.world_size != model_parallel_size:
                 raise ValueError(
                     f"demo.py serves one model: launch exactly --model_parallel_size={model_parallel_size} "
                     f"processes (torchrun --nproc_per_node {model_parallel_size}), not {info.world_size}"
                 )
             self.rank, self.world_size, self._dist = info.rank, info.world_size, dist
+            # Requests go over gloo with a long timeout: the other ranks wait in it while rank 0 waits for a
+            # person, and NCCL's watchdog would abort that wait after 10 minutes.
+            self._control = control_group()
 
     @property
     def is_main(self) -> bool:
@@ -184,7 +195,7 @@ class Group:
         if self.world_size == 1:
             return obj
         box = [obj]
-        self._dist.broadcast_object_list(box, src=0)
+        self._dist.broadcast_object_list(box, src=0, group=self._control)
         return box[0]
 
 
@@ -281,9 +292,9 @@ def run_follower(chat, group: Group) -> int:
     while (request := group.share(None)) is not None:
         try:
             reply = answer(chat, request)
+            reply.close()  # generates: a request decode refuses raises here, before any collective step
         except ValueError:
-            continue  # rank 0 refused it too
-        reply.close()
+            continue  # rank 0 refused it too, and waits for the next request
     return 0
 
 
@@ -291,15 +302,15 @@ def main(argv: list[str] | None = None) -> int:
     opts = resolve_paths(parse_args(argv))  # before the heavy imports: a missing model is reported at once
     import logging
 
-    import torch
-
     from util.cli import process_groups, setup_logging
+    from util.dist import local_device
     from util.generate import Chat
 
     setup_logging(logging.WARNING)
     with process_groups():
-        group = Group(opts.model_parallel_size)
-        device = opts.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+        # --device cpu on a GPU machine: gloo, since nccl cannot carry CPU tensors
+        group = Group(opts.model_parallel_size, backend="gloo" if (opts.device or "").startswith("cpu") else None)
+        device = opts.device or str(local_device())  # this rank's GPU among the visible ones, else the CPU
 
         def log(msg: str) -> None:  # status lines go to stderr so that --prompt's stdout is only the answer
             if group.is_main:
@@ -310,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
             opts.max_new_tokens = min(128, model.args.max_seq_len // 4)
         sampling(opts)  # bad sampling values are reported before the chat starts
         images = image_of(opts.image, model)
-        chat = Chat(model, tokenizer, raw=opts.raw)
+        chat = Chat(model, tokenizer, raw=opts.raw, chat_format=opts.chat_format)
+        if chat.format is not None:
+            log(f"chat format: {chat.format.name} (tokenizer {tokenizer.kind}: {tokenizer.path})")
         if opts.prompt is not None:
             return run_prompt(chat, group, opts, log, images)
         if not opts.web:
@@ -342,16 +355,15 @@ def image_of(path: Path | None, model):
 
 
 def read_image(path: str | Path):
-    """The multimodal hook's input: an RGB image, or a ValueError saying what is wrong with the file."""
-    from PIL import Image, UnidentifiedImageError
+    """The multimodal hook's input: an RGB image, or a ValueError saying what is wrong with the file (anything
+    Pillow refuses, or a picture too large: util.images.open_image)."""
+    from util.images import ImageError, open_image
 
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(
-            f"could not read the image {Path(path).name}: {e} (expected a PNG, JPEG or WebP file)"
-        ) from None
+    except ImageError as e:
+        raise ValueError(f"could not read the image {Path(path).name}: {e.reason}") from None
 
 
 def is_multimodal(model) -> bool:

@@ -32,7 +32,9 @@ from util import output_dir as out_lock
 from util.build import build_model, model_config, open_checkpoints
 from util.cli import is_main_process, process_groups, run, save_quantized_for_reuse, setup_logging
 from util.data import InstructionDataset, load_data_config
-from util.dist import DistInfo, init_distributed, init_process_group
+from util.dist import DistInfo, init_distributed, init_process_group, local_device
+from util.export import convert
+from util.export.tokenizer import tokenizer_export
 from util.quickstart import DATA_CONFIG, QUICKSTART_DIR, prepare_quickstart
 from util.tokenizer import Tokenizer
 from util.train import PRECISIONS, TrainConfig, Trainer, config_from, resolve_resume
@@ -78,7 +80,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model")
     m.add_argument("--llama_config", nargs="+", default=[], help="JSON config(s) merged over the checkpoints' config")
-    m.add_argument("--tokenizer_path", help="sentencepiece tokenizer.model, or a directory holding one")
+    m.add_argument(
+        "--tokenizer_path",
+        help="tokenizer.model (sentencepiece or Llama 3's tiktoken), tokenizer.json, or a directory holding one",
+    )
+    m.add_argument(
+        "--chat_format", default="auto", choices=["auto", "lazyllama", "llama2", "llama3"],
+        help="prompt format of the data (auto: from the tokenizer); demo.py takes the same option",
+    )  # fmt: skip
     m.add_argument("--pretrained_path", nargs="+", default=[], help="checkpoint(s) loaded in order (base, deltas)")
     m.add_argument("--pretrained_format", default="auto", choices=["auto", "meta", "hf", "lazyllama"])
     m.add_argument("--quant", choices=["none", "4bit", "4bit_fp4", "8bit"], help="base quantization (default none)")
@@ -135,6 +144,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     o.add_argument("--log_interval", type=int, help="log every N optimizer steps (default 1)")
     o.add_argument("--no_tensorboard", dest="tensorboard", action="store_false")
     o.add_argument("--pretrain_steps", type=int, help="quickstart only: steps to pre-train the tiny base on first use")
+    o.add_argument(
+        "--export",
+        nargs="+",
+        default=[],
+        choices=["hf", "meta", "peft", "gguf"],
+        help="after training, export the base + final/ to <output_dir>/export-<format> as scripts/convert.py does "
+        "(one process only)",
+    )
     return p
 
 
@@ -174,7 +191,15 @@ def load_data(opts: argparse.Namespace, args: ModelArgs, tokenizer: Tokenizer) -
     if max_words < opts.max_words:
         log.info("max_words %d -> %d (the model's max_seq_len)", opts.max_words, max_words)
     sources = load_data_config(opts.data_config)
-    dataset = InstructionDataset(sources, tokenizer.path, max_words=max_words, seed=opts.seed, strict=opts.strict_data)
+    dataset = InstructionDataset(
+        sources,
+        tokenizer.path,
+        max_words=max_words,
+        seed=opts.seed,
+        strict=opts.strict_data,
+        chat_format=opts.chat_format,
+    )
+    log.info("chat format: %s (tokenizer %s: %s)", dataset.format.name, tokenizer.kind, tokenizer.path)
     if dataset.has_images and not args.visual_backbone:
         raise ValueError(
             "image_conversation data needs a model with a visual backbone: add a visual config (visual_backbone, "
@@ -211,14 +236,15 @@ def main(argv: list[str] | None = None) -> FinetuneResult | int:
         if opts.quickstart:
             opts = with_quickstart_inputs(opts)
         info = init_distributed(opts.model_parallel_size)
-        device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        check_export(opts, info)
+        device = local_device()  # this rank's GPU (nccl), else the CPU
         output_dir = Path(opts.output_dir)
         precision = opts.precision or ("bf16" if device.type == "cuda" else "fp32")
         cfg = config_from(opts, output_dir=output_dir, precision=precision)
         resume = [resolve_resume(opts.resume, output_dir)] if opts.resume else []
         tokenizer_path = opts.tokenizer_path or (opts.pretrained_path[0] if opts.pretrained_path else None)
         if tokenizer_path is None:
-            raise ValueError("no tokenizer: give --tokenizer_path (a sentencepiece tokenizer.model)")
+            raise ValueError("no tokenizer: give --tokenizer_path (a tokenizer.model or tokenizer.json)")
         tokenizer = Tokenizer(tokenizer_path)
 
         # each checkpoint opened once: the config, then the build (base(s), then the checkpoint resumed from)
@@ -249,6 +275,10 @@ def main(argv: list[str] | None = None) -> FinetuneResult | int:
         final = trainer.save_final(output_dir / "final", tokenizer.path)
         if info.is_main:
             print_summary(opts, trainer, final, losses, quant)
+        for fmt in opts.export:
+            sources = [*opts.pretrained_path, final] if trainer.only_save_trainable else [final]
+            out = convert(sources, to=fmt, out=output_dir / f"export-{fmt}", tokenizer_path=tokenizer_path)
+            print(f"exported to {out}")
         return FinetuneResult(final, losses, trainer.module, args, [*map(Path, opts.pretrained_path), *resume])
 
 
@@ -283,6 +313,16 @@ def interrupted(trainer: Trainer, argv: list[str]) -> str:
     launcher = "torchrun ... " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "python "
     command = launcher + shlex.join(["main_finetune.py", *kept, "--resume", str(last)])
     return f"{where}; the last checkpoint is {last}; continue with:\n  {command}"
+
+
+def check_export(opts: argparse.Namespace, info: DistInfo) -> None:
+    """--export's problems before training, not after it: several processes, a tokenizer the formats cannot take."""
+    if not opts.export:
+        return
+    if info.world_size > 1:
+        raise ValueError("--export runs in a single process: run scripts/convert.py on the base and final/ afterwards")
+    if {"hf", "gguf"} & set(opts.export) and opts.tokenizer_path:
+        tokenizer_export(opts.tokenizer_path).check_plain_text()
 
 
 def log_plan(trainer: Trainer, examples: int, info: DistInfo) -> None:

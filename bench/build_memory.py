@@ -3,6 +3,7 @@
     python bench/build_memory.py --shape 1.1B                      # lazy, naive, hf, floor
     python bench/build_memory.py --shape 7B --flows lazy,floor --repeat 3
     python bench/build_memory.py --shape tiny                      # smoke test, a few seconds
+    python bench/build_memory.py --shape 7B --flows lazy --device cuda   # the lazy build onto a GPU
 
 1. The synthetic bf16 checkpoint of the shape (bench/harness.py: random normal std 0.02, norms ones, Hugging Face
    format) is written once under --ckpt-dir (default /tmp/lazyllama-bench/<shape>) and reused while its marker
@@ -124,8 +125,9 @@ def child_lazy(ckpt: Path, quant: str, trace: bool) -> dict:
 
         with open_checkpoint(ckpt) as reader:
             args = ModelArgs.from_dict(reader.config, source=str(ckpt)).replace(visual_backbone=visual)
+    device = os.environ.get("LAZYLLAMA_BENCH_DEVICE", "cpu")  # --device: where the lazy build puts the model
     clock = Clock()
-    model, report = build_model(args, [ckpt], quant=quant, dtype=torch.bfloat16)
+    model, report = build_model(args, [ckpt], quant=quant, dtype=torch.bfloat16, device=device)
     timing = clock.stop()
     peak = hwm() if not trace else max(state["peak"], hwm())
     out = {
@@ -137,11 +139,13 @@ def child_lazy(ckpt: Path, quant: str, trace: bool) -> dict:
         "materialize_s": report.seconds,
         "loaded": report.loaded,
         "quantized": report.quantized,
+        "device": device,
+        "peak_device_memory": report.peak_device_memory,
     }
     if trace:
         out["trace"] = modules
     with torch.no_grad():
-        out.update(_logits_summary(model.eval()(_tokens(model.args.vocab_size))))
+        out.update(_logits_summary(model.eval()(_tokens(model.args.vocab_size).to(device))))
     out["peak_rss_with_forward"] = hwm()
     return out
 
@@ -278,6 +282,9 @@ def tabulate(records: list[dict], shape: str, quant: str) -> tuple[str, dict]:
         if good:
             summary[flow] = {"peak_rss": statistics.median(peaks), "wall_s": statistics.median(walls)}
             notes.append(f"model {fmt_gib(statistics.median(r['model_bytes'] for r in good))} GiB")
+            if any(r.get("peak_device_memory") for r in good):
+                peak_gpu = statistics.median(r.get("peak_device_memory", 0) for r in good)
+                notes.append(f"on {good[0]['device']}: peak GPU memory {fmt_gib(peak_gpu)} GiB")
             if all("cpu_s" in r for r in good):
                 notes.append(f"CPU {median_range([r['cpu_s'] for r in good], '.1f')} s")
                 steal = max(r.get("steal_s", 0.0) for r in good)
@@ -348,6 +355,7 @@ def main() -> int:
     )
     ap.add_argument("--timeout", type=float, default=None, help="kill a child after this many seconds")
     ap.add_argument("--trace", action="store_true", help="lazy: record RSS and peak after every module")
+    ap.add_argument("--device", default="cpu", help="lazy flow: build onto this device, e.g. cuda (default cpu)")
     ap.add_argument("--visual", default=None, help="multimodal lazy build: add this backbone, e.g. open_clip:ViT-L-14")
     ap.add_argument("--no-warm", action="store_true", help="do not read the checkpoint into the page cache first")
     ap.add_argument("--results-dir", default=None, help="default bench/results")
@@ -374,7 +382,8 @@ def main() -> int:
     ckpt, write_record = session.synthetic_checkpoint(opts.shape, ckpt, opts.seed)
     child_args = cli_args(shape=opts.shape, ckpt_dir=ckpt, quant=opts.quant)
     # the multimodal build: the lazy child adds this backbone (random weights, built real)
-    env = {"LAZYLLAMA_BENCH_VISUAL": opts.visual} if opts.visual else None
+    env = {"LAZYLLAMA_BENCH_VISUAL": opts.visual} if opts.visual else {}
+    env = {**env, "LAZYLLAMA_BENCH_DEVICE": opts.device} if opts.device != "cpu" else env or None
 
     # Round-robin (floor, then the flows in the order given, per round): a noisy neighbour then slows every flow
     # alike instead of one flow's repeats. A flow that fails or cannot run is not tried again.

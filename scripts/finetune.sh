@@ -12,8 +12,9 @@ check_paths "$1" "$2" "$3"
 CKPT="$1" TOKENIZER="$3"
 IFS=',' read -r -a CONFIGS <<< "$2"
 shift 3
+ngpus="$(gpu_count)"  # an assignment: set -e stops here when no GPU is found
 
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$(gpu_count)" "$REPO/main_finetune.py" \
+exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$ngpus" "$REPO/main_finetune.py" \
     --pretrained_path "$CKPT" --llama_config "${CONFIGS[@]}" --tokenizer_path "$TOKENIZER" \
     --quant "${QUANT:-none}" --model_parallel_size "${MP:-1}" \
     --data_config "${DATA_CONFIG:-$REPO/data/quickstart.yaml}" --output_dir "${OUTPUT_DIR:-out/finetune}" "$@"

@@ -13,8 +13,9 @@ check_paths "$1" "$2" "$3"
 CKPT="$1" TOKENIZER="$3"
 IFS=',' read -r -a CONFIGS <<< "$2"
 shift 3
+ngpus="$(gpu_count)"  # an assignment: set -e stops here when no GPU is found
 
-exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$(gpu_count)" \
+exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$ngpus" \
     --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv_id "${RDZV_ID:-lazyllama}" \
     "$REPO/main_finetune.py" \
     --pretrained_path "$CKPT" --llama_config "${CONFIGS[@]}" --tokenizer_path "$TOKENIZER" \

@@ -16,8 +16,11 @@ CKPT="$1" TOKENIZER="$3"
 IFS=',' read -r -a CONFIGS <<< "$2"
 shift 3
 export MASTER_PORT="${MASTER_PORT:-29500}"
+# srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05): pass it on, or each task gets one CPU
+cpus=()
+if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then cpus=(--cpus-per-task "$SLURM_CPUS_PER_TASK"); fi
 
-srun --kill-on-bad-exit=1 "$PYTHON" "$REPO/main_finetune.py" \
+srun --kill-on-bad-exit=1 "${cpus[@]}" "$PYTHON" "$REPO/main_finetune.py" \
     --pretrained_path "$CKPT" --llama_config "${CONFIGS[@]}" --tokenizer_path "$TOKENIZER" \
     --quant "${QUANT:-none}" --model_parallel_size "${MP:-1}" \
     --data_config "${DATA_CONFIG:-$REPO/data/quickstart.yaml}" --output_dir "${OUTPUT_DIR:-out/finetune}" "$@"

@@ -1,4 +1,7 @@
-"""Run a function in N real processes joined by a gloo process group (torchrun's environment, by hand)."""
+"""Run a function in N real processes joined by a gloo process group (torchrun's environment, by hand).
+
+The workers compute on CPU over gloo on any machine: LAZYLLAMA_DIST_BACKEND=gloo keeps util.dist from choosing
+nccl (and this rank's GPU) where CUDA is available."""
 
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> No
         LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
+        LAZYLLAMA_DIST_BACKEND="gloo",
     )
     import torch
 

@@ -250,6 +250,8 @@ def test_model_parallel_2_under_torchrun(model_dir):
             *model_args(model_dir),
             "--temperature",
             "0",
+            "--device",
+            "cpu",  # also on a GPU machine (gloo then): two ranks cannot share one GPU under NCCL
         ],
         cwd=ROOT,
         input="hello\n/clear\nwhat should I do?\n/quit\n",

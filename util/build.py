@@ -100,6 +100,9 @@ def build_model(
         ]
         # 0. config: given, or the checkpoints' (the one rule, see model_config)
         args = model_config(readers) if args is None else with_vocab(args, readers)
+        for reader in readers:  # deltas that need the base's shape to be read (a peft adapter's q/k rows)
+            if callable(getattr(reader, "bind_base", None)):
+                reader.bind_base(args)
 
         # 1. build on meta: no storage, no init work (a visual backbone is built for real inside, and gets
         #    its own weights from its file now)

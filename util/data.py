@@ -7,11 +7,15 @@
 - alpaca: a JSON list (or JSON lines) of {"instruction": str, "input": str (optional), "output": str}
 - conversation: a list of {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}, ...]}
 - image_conversation: a conversation with an image, {"image": "path.png", "conversations": [...]}; the path is
-  relative to the JSON file's directory (or absolute). The image is checked when the file is loaded and read per
-  item with the visual backbone's preprocessing (a model with visual_backbone); a batch stacks its images.
+  relative to the JSON file's directory (or absolute). The image is checked when the file is loaded (Pillow's
+  verify and a size limit: `max_image_pixels` in the source, default util.images.MAX_PIXELS) and read per item
+  with the visual backbone's preprocessing (a model with visual_backbone); a batch stacks its images. An image
+  that cannot be read is a bad record like any other: skipped and reported with its file, index and image path
+  (also when only decoding it fails, mid-epoch: that item then takes the next record).
 
-Prompts come from util.templates (the chat demo uses the same ones). Only response tokens are in the loss:
-labels are -100 elsewhere. Every record is validated when its file is loaded; a bad record (missing field,
+Prompts come from util.templates' chat format, chosen from the tokenizer (the chat demo uses the same one): this
+project's template, Llama 2's [INST] or Llama 3's headers. Only response tokens are in the loss: labels are -100
+elsewhere. Every record is validated when its file is loaded; a bad record (missing field,
 wrong type, empty text) is reported with its file and index and skipped, or rejected with strict=True, so a
 run never stops mid-epoch on bad data. Tokenization is lazy (per item, in the DataLoader workers).
 
@@ -28,24 +32,35 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from util.templates import ALPACA_HEADER, ALPACA_HEADER_INPUT, CHAT_HEADER, alpaca_prompt, chat_segments
+from util.templates import (
+    ALPACA_HEADER,
+    ALPACA_HEADER_INPUT,
+    BOS,
+    CHAT_HEADER,
+    DEFAULT_FORMAT,
+    EOS,
+    ChatFormat,
+    Segments,
+    chat_format_for,
+)
 from util.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from model.visual import ImagePreprocess
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 DATA_TYPES = ("alpaca", "conversation", "image_conversation")
-_SOURCE_KEYS = {"path", "type", "ratio"}
+_SOURCE_KEYS = {"path", "type", "ratio", "max_image_pixels"}
 _CONFIG_EXAMPLE = "sources:\n  - {path: data/alpaca_tiny.json, type: alpaca, ratio: 1.0}"
 _MAX_LISTED = 10
-
-Segments = list[tuple[str, bool]]  # (text, is_response)
 
 
 class DataError(ValueError):
@@ -57,6 +72,7 @@ class DataSource:
     path: Path
     type: str  # one of DATA_TYPES
     ratio: float = 1.0  # records per epoch = round(ratio * valid records)
+    max_image_pixels: int | None = None  # image_conversation: larger pictures are bad records (None: the default)
 
 
 def load_data_config(path: str | Path) -> list[DataSource]:
@@ -86,6 +102,11 @@ def load_data_config(path: str | Path) -> list[DataSource]:
         ratio = entry.get("ratio", 1.0)
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (ratio > 0 and math.isfinite(ratio)):
             raise DataError(f"{where}: ratio must be a number > 0 and finite, got {ratio!r}")
+        pixels = entry.get("max_image_pixels")
+        if pixels is not None and (entry["type"] != "image_conversation" or isinstance(pixels, bool)
+                                   or not isinstance(pixels, int) or pixels <= 0):  # fmt: skip
+            raise DataError(f"{where}: max_image_pixels must be an integer > 0 on an image_conversation source, "
+                            f"got {pixels!r} on a {entry['type']} source")  # fmt: skip
         raw = Path(entry["path"])
         candidates = [raw] if raw.is_absolute() else [cfg_path.parent / raw, Path.cwd() / raw]
         found = next((c for c in candidates if c.is_file()), None)
@@ -94,7 +115,7 @@ def load_data_config(path: str | Path) -> list[DataSource]:
                 f"{where}: data file {entry['path']!r} not found (looked for {', '.join(map(str, candidates))}); "
                 "fix the path in the config"
             )
-        sources.append(DataSource(found, entry["type"], float(ratio)))
+        sources.append(DataSource(found, entry["type"], float(ratio), pixels))
     return sources
 
 
@@ -117,14 +138,14 @@ def _text_field(rec: dict, key: str, *, required: bool = True) -> str | None:
     return value
 
 
-def alpaca_segments(rec: Any) -> Segments:
+def alpaca_segments(rec: Any, fmt: ChatFormat = DEFAULT_FORMAT) -> Segments:
     if not isinstance(rec, dict):
         raise ValueError(f"expected an object with instruction/input/output, got {type(rec).__name__}")
     instruction, output = _text_field(rec, "instruction"), _text_field(rec, "output")
-    return [(alpaca_prompt(instruction, _text_field(rec, "input", required=False)), False), (output, True)]
+    return fmt.instruction(instruction, _text_field(rec, "input", required=False), output)
 
 
-def conversation_segments(rec: Any) -> Segments:
+def conversation_segments(rec: Any, fmt: ChatFormat = DEFAULT_FORMAT) -> Segments:
     if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
         raise ValueError('expected an object with a "conversations" list')
     turns: list[tuple[str, str]] = []
@@ -149,12 +170,13 @@ def conversation_segments(rec: Any) -> Segments:
             human = None
     if not turns:  # a trailing unanswered human turn is dropped; nothing answered at all is unusable
         raise ValueError("no answered human turn (nothing to learn)")
-    return chat_segments(turns)
+    return fmt.chat(turns)
 
 
 def plain_segments(segments: Segments) -> Segments:
     """The record's own words without the prompt template, all of it as text to learn (base pre-training)."""
-    return [("\n".join(_template_free(text) for text, _ in segments).strip(), True)]
+    text = "\n".join(_template_free(text) for text, _ in segments if isinstance(text, str)).strip()
+    return [(BOS, False), (text, True), (EOS, True)]
 
 
 def _template_free(text: str) -> str:
@@ -172,22 +194,31 @@ _SEGMENTERS = {
 }
 
 
-def _image_path(rec: dict, source: Path) -> Path:
-    """The record's image file (relative paths against the JSON file's directory), checked to be readable."""
-    from PIL import Image, UnidentifiedImageError
+@dataclass(frozen=True)
+class ImageRecord:
+    """Where a record's image is, and where the record came from (to report it if the image fails later)."""
+
+    path: Path
+    source: Path
+    where: str  # the record's index in its file: "[3]" or "line 4"
+    max_pixels: int
+
+
+def _image_record(rec: dict, source: DataSource, where: str) -> ImageRecord:
+    """The record's image file (relative paths against the JSON file's directory), checked to be readable:
+    anything Pillow refuses, or a picture over the size limit, makes the record bad."""
+    from util.images import MAX_PIXELS, ImageError, open_image
 
     value = rec.get("image")
     if not isinstance(value, str) or not value.strip():
         raise ValueError('missing field "image" (an image file path)')
-    path = Path(value) if Path(value).is_absolute() else source.parent / value
-    if not path.is_file():
-        raise ValueError(f"image not found: {path}")
+    path = Path(value) if Path(value).is_absolute() else source.path.parent / value
+    max_pixels = source.max_image_pixels or MAX_PIXELS
     try:
-        with Image.open(path) as img:
-            img.verify()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
-    return path
+        open_image(path, max_pixels=max_pixels, decode=False)
+    except ImageError as e:
+        raise ValueError(f"image {e.path}: {e.reason}") from None
+    return ImageRecord(path, source.path, where, max_pixels)
 
 
 @dataclass
@@ -224,22 +255,24 @@ def _read_json_records(path: Path) -> list[tuple[str, Any]]:
     return [(f"[{i}]", rec) for i, rec in enumerate(data)]
 
 
-def read_source(source: DataSource, *, strict: bool = False) -> list[Segments]:
+def read_source(source: DataSource, *, strict: bool = False, fmt: ChatFormat = DEFAULT_FORMAT) -> list[Segments]:
     """The valid records of one source as segments. Bad records are logged (file and index) and skipped, or
     raise a DataError listing them when strict."""
-    return [segments for segments, _ in read_records(source, strict=strict)]
+    return [segments for segments, _ in read_records(source, strict=strict, fmt=fmt)]
 
 
-def read_records(source: DataSource, *, strict: bool = False) -> list[tuple[Segments, Path | None]]:
-    """read_source with each record's image path (image_conversation; None for text-only types)."""
+def read_records(
+    source: DataSource, *, strict: bool = False, fmt: ChatFormat = DEFAULT_FORMAT
+) -> list[tuple[Segments, ImageRecord | None]]:
+    """read_source with each record's image (image_conversation; None for text-only types)."""
     segmenter = _SEGMENTERS[source.type]
     records, problems = [], []
     for where, rec in _read_json_records(source.path):
         try:
             if isinstance(rec, _BadJson):
                 raise ValueError(rec.reason)
-            segments = segmenter(rec)
-            image = _image_path(rec, source.path) if source.type == "image_conversation" else None
+            segments = segmenter(rec, fmt)
+            image = _image_record(rec, source, where) if source.type == "image_conversation" else None
             records.append((segments, image))
         except ValueError as e:
             problems.append(f"{where}: {e}")
@@ -267,17 +300,18 @@ def read_records(source: DataSource, *, strict: bool = False) -> list[tuple[Segm
 
 
 def encode_segments(
-    segments: Segments, tokenizer: Tokenizer, max_words: int, *, train_on_prompt: bool = False
+    segments: Segments,
+    tokenizer: Tokenizer,
+    max_words: int,
+    *,
+    train_on_prompt: bool = False,
+    fmt: ChatFormat | None = None,
 ) -> tuple[list[int], list[int]]:
-    """(tokens, labels): bos + segments + eos, truncated to max_words. Labels are the tokens of the response
-    segments and the final eos, IGNORE_INDEX elsewhere (everywhere but bos with train_on_prompt)."""
-    tokens, labels = [tokenizer.bos_id], [IGNORE_INDEX]
-    for text, is_response in segments:
-        ids = tokenizer.encode(text)
-        tokens += ids
-        labels += ids if is_response or train_on_prompt else [IGNORE_INDEX] * len(ids)
-    tokens.append(tokenizer.eos_id)
-    labels.append(tokenizer.eos_id)
+    """(tokens, labels) of a chat format's segments (bos ... eos or the format's end token), truncated to
+    max_words. Labels are the tokens of the response segments (the end token included), IGNORE_INDEX elsewhere
+    (everywhere but bos with train_on_prompt)."""
+    tokens, response = (fmt or DEFAULT_FORMAT).encode(segments, tokenizer)
+    labels = [t if r or (train_on_prompt and i > 0) else IGNORE_INDEX for i, (t, r) in enumerate(zip(tokens, response))]
     return tokens[:max_words], labels[:max_words]
 
 
@@ -287,6 +321,7 @@ class InstructionDataset(Dataset):
     backbone's config: model.visual.preprocess; it may be set after the model is built, before the first item).
 
     plain: the records' words without prompt templates, every token in the loss (to pre-train a base on).
+    chat_format: "auto" (from the tokenizer, util.templates.chat_format_for), "lazyllama", "llama2" or "llama3".
     """
 
     def __init__(
@@ -299,15 +334,20 @@ class InstructionDataset(Dataset):
         strict: bool = False,
         train_on_prompt: bool = False,
         plain: bool = False,
-        preprocess: dict | None = None,
+        preprocess: ImagePreprocess | None = None,
+        chat_format: str = "auto",
     ) -> None:
         if max_words < 2:
             raise ValueError(f"max_words={max_words}: need at least 2 tokens per example")
         self.tokenizer_path = Path(tokenizer_path)
         self.max_words, self.train_on_prompt = max_words, train_on_prompt
         self._tokenizer: Tokenizer | None = None
+        # fails now (missing or bad tokenizer, a chat template of another format), not in a DataLoader worker
+        self.format = DEFAULT_FORMAT if plain else chat_format_for(self.tokenizer, chat_format)
         self.items: list[Segments] = []
-        self.images: list[Path | None] = []
+        self.images: list[ImageRecord | None] = []
+        self.strict = strict
+        self._unreadable: set[int] = set()  # items whose image failed to decode (in this process)
         self.preprocess = preprocess
         self.counts: dict[str, int] = {}
         kinds = {s.type == "image_conversation" for s in sources}
@@ -318,7 +358,7 @@ class InstructionDataset(Dataset):
             )
         self.has_images = kinds == {True}
         for i, source in enumerate(sources):
-            records = read_records(source, strict=strict)
+            records = read_records(source, strict=strict, fmt=self.format)
             if plain:
                 records = [(plain_segments(r), img) for r, img in records]
             # ratio: whole repeats plus a seeded subset (the same on every rank: seeded by config order only)
@@ -328,7 +368,6 @@ class InstructionDataset(Dataset):
             self.items += [records[j][0] for j in chosen]
             self.images += [records[j][1] for j in chosen]
             self.counts[str(source.path)] = n
-        self.tokenizer  # noqa: B018 - fail now (missing or bad tokenizer), not in a DataLoader worker
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -343,21 +382,44 @@ class InstructionDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
-        tokens, labels = encode_segments(
-            self.items[i], self.tokenizer, self.max_words, train_on_prompt=self.train_on_prompt
-        )
         if self.images[i] is None:
-            return torch.tensor(tokens), torch.tensor(labels)
+            return self._encode(i)
         if self.preprocess is None:
             raise DataError("image_conversation data needs the visual backbone's preprocessing: a visual model")
-        from util.images import load_image
+        from util.images import ImageError, load_image
 
-        return torch.tensor(tokens), torch.tensor(labels), load_image(self.images[i], self.preprocess)
+        # An image that passed the check when the file was loaded can still fail to decode (truncated data):
+        # the record is skipped like any bad record, and this item takes the next one that reads.
+        for j in (k % len(self) for k in range(i, i + len(self))):
+            record = self.images[j]
+            if j in self._unreadable:
+                continue
+            try:
+                image = load_image(record.path, self.preprocess, max_pixels=record.max_pixels)
+            except ImageError as e:
+                problem = f"{record.source}: {record.where}: image {e.path}: {e.reason}"
+                if self.strict:
+                    raise DataError(f"{problem}. Fix it, or run without --strict_data to skip it") from None
+                log.warning("%s; skipped (item %d takes the next record)", problem, i)
+                self._unreadable.add(j)
+                continue
+            return (*self._encode(j), image)
+        raise DataError(f"none of the {len(self)} image_conversation items has an image that can be read")
+
+    def _encode(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, labels = encode_segments(
+            self.items[i], self.tokenizer, self.max_words, train_on_prompt=self.train_on_prompt, fmt=self.format
+        )
+        return torch.tensor(tokens), torch.tensor(labels)
 
 
 def source_texts(sources: Sequence[DataSource]) -> list[str]:
     """Every valid record's full text (prompt and answer), e.g. to train a tokenizer on."""
-    return ["".join(text for text, _ in segments) for source in sources for segments in read_source(source)]
+    return [
+        "".join(text for text, _ in segments if isinstance(text, str))
+        for source in sources
+        for segments in read_source(source)
+    ]
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, ...]], pad_id: int = 0) -> tuple[torch.Tensor, ...]:

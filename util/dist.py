@@ -5,12 +5,20 @@ data-parallel groups come from fairscale (`fairscale.nn.model_parallel.initializ
 sizes, and whether this rank writes checkpoint files), `dp_group()` / `mp_group()` / `mp_src_rank()`, `barrier()`.
 Every question works before (or without) any setup: one process, rank 0 of 1, no groups.
 
+Backend and device: nccl on this rank's GPU where CUDA is available, else gloo on CPU; LAZYLLAMA_DIST_BACKEND=gloo
+(or nccl) overrides the choice, and gloo computes on CPU even where GPUs are (the test suite's workers set it).
+This rank's GPU comes from the visible devices: under SLURM with one GPU bound per task LOCAL_RANK can exceed the
+one visible index. `control_group()`: a gloo group with a long timeout for messages that wait on a person (demo.py's
+followers idle while rank 0 waits for input; rank 0 preparing the quickstart), which NCCL's watchdog would abort
+after its 10-minute default.
+
 model/layers/parallel.py keeps its own two one-liners (`mp_rank`, `mp_world_size`) because model/ may not import
 util/; they read the same fairscale state.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import subprocess
@@ -91,6 +99,69 @@ def barrier() -> None:
         dist.barrier()
 
 
+BACKEND_ENV = "LAZYLLAMA_DIST_BACKEND"
+CONTROL_TIMEOUT_ENV = "LAZYLLAMA_CONTROL_TIMEOUT"  # seconds; the GPU check shortens it to prove the path
+CONTROL_TIMEOUT = datetime.timedelta(days=30)  # a chat server idles for as long as nobody asks
+
+
+def default_backend() -> str:
+    """LAZYLLAMA_DIST_BACKEND if set, else nccl where CUDA is available, else gloo."""
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if forced:
+        if forced not in ("gloo", "nccl"):
+            raise ValueError(f"{BACKEND_ENV}={forced!r}: expected 'gloo' or 'nccl' (or unset: nccl with CUDA)")
+        if forced == "nccl" and not torch.cuda.is_available():
+            raise ValueError(f"{BACKEND_ENV}=nccl but CUDA is not available here: unset it or use gloo")
+        return forced
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def gpu_index(local_rank: int | None = None, visible: int | None = None) -> int:
+    """This rank's GPU among the visible ones. One visible GPU (SLURM binding one per task, or
+    CUDA_VISIBLE_DEVICES set per rank): 0 whatever LOCAL_RANK says; several: LOCAL_RANK, which must be one of them."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
+    visible = torch.cuda.device_count() if visible is None else visible
+    if visible < 1:
+        raise RuntimeError("no CUDA device is visible (check CUDA_VISIBLE_DEVICES); run with --device cpu")
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise RuntimeError(
+            f"LOCAL_RANK={local_rank} but only {visible} GPUs are visible to this process "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): launch at most {visible} "
+            "processes per node (torchrun --nproc_per_node, srun --ntasks-per-node), or bind one GPU per task"
+        )
+    return local_rank
+
+
+def local_device() -> torch.device:
+    """Where this rank computes: its GPU when the backend is nccl, else the CPU (the backend of the process group
+    if one exists, else the one init_process_group would choose)."""
+    backend = dist.get_backend() if dist.is_initialized() else default_backend()
+    if backend == "nccl":
+        return torch.device("cuda", gpu_index())
+    return torch.device("cpu")
+
+
+_control: dict[str, object] = {}  # the control group, and the world group it was made in
+
+
+def control_timeout() -> datetime.timedelta:
+    seconds = os.environ.get(CONTROL_TIMEOUT_ENV)
+    return datetime.timedelta(seconds=float(seconds)) if seconds else CONTROL_TIMEOUT
+
+
+def control_group() -> dist.ProcessGroup | None:
+    """All ranks, over gloo (CPU objects, no NCCL watchdog), with a long timeout: for messages that wait on a
+    person. Created on first use; every rank must make that first call at the same point (a collective). None
+    without a process group."""
+    if not dist.is_initialized():
+        return None
+    if _control.get("world") is not dist.group.WORLD:  # none yet, or made in a process group since destroyed
+        _control.update(group=dist.new_group(backend="gloo", timeout=control_timeout()), world=dist.group.WORLD)
+    return _control["group"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -118,13 +189,12 @@ def init_process_group(*, backend: str | None = None) -> None:
     """torch.distributed only (no model-parallel groups yet); idempotent. See init_distributed."""
     if dist.is_initialized():
         return
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    backend = backend or default_backend()
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
         _slurm_env()
     if "RANK" in os.environ:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if backend == "nccl":
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(gpu_index())
         dist.init_process_group(backend)
     else:  # plain `python`: a one-process group on a private store
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -135,8 +205,9 @@ def init_process_group(*, backend: str | None = None) -> None:
 def init_distributed(model_parallel_size: int = 1, *, backend: str | None = None) -> DistInfo:
     """Set up torch.distributed (if needed) and fairscale's model-parallel groups; idempotent.
 
-    backend: "nccl" when CUDA is available, else "gloo". Under torchrun the environment says rank and world
-    size; under SLURM (srun) SLURM_PROCID/SLURM_NTASKS do; otherwise this process is a group of one.
+    backend: default_backend() (LAZYLLAMA_DIST_BACKEND, else "nccl" when CUDA is available, else "gloo"). Under
+    torchrun the environment says rank and world size; under SLURM (srun) SLURM_PROCID/SLURM_NTASKS do;
+    otherwise this process is a group of one.
     """
     init_process_group(backend=backend)
     world_size = dist.get_world_size()
@@ -162,4 +233,5 @@ def shutdown(*, keep_process_group: bool = False) -> None:
     if fs_mp.model_parallel_is_initialized():
         fs_mp.destroy_model_parallel()
     if not keep_process_group and dist.is_initialized():
+        _control.clear()  # the control group goes with it
         dist.destroy_process_group()

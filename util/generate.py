@@ -10,7 +10,7 @@ sampling agrees even if the ranks' generators or logits differed in the last bit
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -18,13 +18,9 @@ import torch.distributed as dist
 
 from model.llama import Transformer
 from util.dist import mp_group, mp_src_rank, position
-from util.templates import chat_prompt
+from util.templates import ChatFormat, chat_format_for
 
 log = logging.getLogger(__name__)
-
-# Where a chat model starts the next turn by itself: the answer ends before these. (No newline in them:
-# tokenizers with sentencepiece's default normalization turn the template's newlines into spaces.)
-CHAT_STOP = ("### Human:", "### Assistant:")
 
 
 @dataclass(frozen=True)
@@ -117,7 +113,7 @@ def decode(
     prompts: Sequence[Sequence[int]],
     params: SamplingParams = SamplingParams(),
     *,
-    eos_id: int | None = None,
+    eos_id: int | Collection[int] | None = None,
     stop: Callable[[int, list[int]], bool] | None = None,
     vocab_size: int | None = None,
     prefix: torch.Tensor | None = None,
@@ -126,16 +122,19 @@ def decode(
 ) -> Iterator[list[int | None]]:
     """Yield, per decoding step, the new token of each prompt (None for a prompt not yet generating or finished).
 
-    A prompt finishes at eos_id (not yielded), after max_new_tokens, or when stop(row, its tokens so far) is
-    true. vocab_size: never produce ids at or above it (a model whose embedding is larger than its tokenizer).
+    A prompt finishes at eos_id (not yielded; a collection: any of them, e.g. Llama 3's eot and end of text),
+    after max_new_tokens, or when stop(row, its tokens so far) is true.
+    vocab_size: never produce ids at or above it (a model whose embedding is larger than its tokenizer).
     prefix: the LLaMA-Adapter prefix (multimodal), passed to every forward.
     images: [batch, 3, S, S] (or one [3, S, S] for every prompt), preprocessed for the model's visual backbone
     (util.images.load_image). "tokens" mode: the image goes before the text with the prompt's forward, and the
-    decoding steps continue after its positions; "prefix" mode: the image goes with every forward.
+    decoding steps continue after its positions; "prefix" mode: the image is encoded once, before the prompt's
+    forward, and its prefix goes with every forward (the same values the model would compute from the image).
     Every prompt must fit: image positions + len(prompt) + max_new_tokens <= max_seq_len (see fit_prompt).
     """
     lengths = [len(p) for p in prompts]
-    offset, step_images = 0, None
+    end_ids = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
+    offset = 0
     if images is not None:
         if getattr(model, "visual", None) is None:
             raise ValueError("images given to a text-only model: set visual_backbone in the config")
@@ -144,7 +143,12 @@ def decode(
         if images.shape[0] != len(prompts):
             raise ValueError(f"{images.shape[0]} image(s) for {len(prompts)} prompt(s): give one per prompt")
         offset = model.image_positions()
-        step_images = images if model.visual.mode == "prefix" else None
+        if model.visual.mode == "prefix":
+            # The prefix depends on the image alone: computed once and reused by every step, like the KV cache,
+            # instead of one image-encoder pass per generated token. The same call and dtype as the model's
+            # forward makes it, so the logits are those of a forward given the image.
+            visual = model.visual(images, dtype=model.tok_embeddings.weight.dtype)
+            prefix, images = (visual if prefix is None else prefix + visual), None
     max_seq_len = model.args.max_seq_len - offset
     if not prompts or min(lengths) == 0:
         raise ValueError("every prompt needs at least one token (e.g. the tokenizer's BOS)")
@@ -183,7 +187,7 @@ def decode(
             if done[i] or pos < lengths[i]:
                 continue
             token = int(tokens[i, pos])
-            if token == eos_id:
+            if token in end_ids:
                 done[i] = True
                 continue
             produced[i].append(token)
@@ -195,7 +199,7 @@ def decode(
             yield step
         if all(done):
             return
-        logits = model(tokens[:, pos : pos + 1], start_pos=pos + offset, prefix=prefix, images=step_images)[:, -1]
+        logits = model(tokens[:, pos : pos + 1], start_pos=pos + offset, prefix=prefix)[:, -1]
 
 
 def generate(
@@ -297,9 +301,10 @@ def stream_text(
     prefix: torch.Tensor | None = None,
     images: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    end_ids: Collection[int] | None = None,
 ) -> Iterator[str]:
     """Generate from one tokenized prompt, yielding text deltas as they are decoded, ending before a stop
-    string or EOS."""
+    string or an end id (default: the tokenizer's eos; a chat format's: ChatFormat.end_ids)."""
     text = TextStream(tokenizer, stop)
     deltas: list[str] = []
 
@@ -308,7 +313,8 @@ def stream_text(
         return text.stopped
 
     for _ in decode(
-        model, [prompt], params, eos_id=tokenizer.eos_id, stop=push, vocab_size=tokenizer.vocab_size,
+        model, [prompt], params, eos_id=tokenizer.eos_id if end_ids is None else end_ids, stop=push,
+        vocab_size=tokenizer.vocab_size,
         prefix=prefix, images=images, generator=generator,
     ):  # fmt: skip
         delta = deltas.pop()
@@ -353,13 +359,19 @@ class Reply:
 
 
 class Chat:
-    """A conversation with history in the chat template (util.templates): `send` returns a streamed Reply.
+    """A conversation with history in a chat format (util.templates; "auto": the tokenizer's): `send` returns a
+    streamed Reply that ends at the format's end tokens (Llama 3: eot) or stop strings (this project's template).
 
     raw=True: no template and no history, each message is the whole prompt (a base model)."""
 
-    def __init__(self, model: Transformer, tokenizer, *, raw: bool = False, stop: Sequence[str] = CHAT_STOP):
+    def __init__(
+        self, model: Transformer, tokenizer, *, raw: bool = False, stop: Sequence[str] | None = None,
+        chat_format: str | ChatFormat = "auto",
+    ):  # fmt: skip
         self.model, self.tokenizer, self.raw = model, tokenizer, raw
-        self.stop = () if raw else tuple(stop)
+        self.format = None if raw else chat_format_for(tokenizer, chat_format)
+        self.stop = () if raw else tuple(self.format.stop_strings if stop is None else stop)
+        self.end_ids = (tokenizer.eos_id,) if raw else self.format.end_ids(tokenizer)
         self.turns: list[tuple[str, str]] = []
 
     def clear(self) -> None:
@@ -376,8 +388,10 @@ class Chat:
         max_seq_len = self.model.args.max_seq_len - image_positions
         min_new = min(max_new_tokens, max(1, max_seq_len // 4))  # the answer's budget may shrink to this first
         while True:
-            text = message if self.raw else chat_prompt([*turns, (message, None)])
-            ids = self.tokenizer.encode(text, bos=True)
+            if self.raw:
+                ids = self.tokenizer.encode(message, bos=self.tokenizer.add_bos)
+            else:
+                ids, _ = self.format.encode(self.format.chat([*turns, (message, None)]), self.tokenizer)
             if len(ids) + min_new <= max_seq_len or not turns:
                 break
             turns.pop(0)
@@ -396,7 +410,7 @@ class Chat:
         ids, max_new, notes = self.prompt_ids(message, params.max_new_tokens, image_positions=taken)
         deltas = stream_text(
             self.model, self.tokenizer, ids, params.replace(max_new_tokens=max_new), stop=self.stop, prefix=prefix,
-            images=images,
+            images=images, end_ids=self.end_ids,
         )  # fmt: skip
 
         def remember(answer: str) -> None:

@@ -190,7 +190,7 @@ def materialize_and_load(
 ) -> LoadReport:
     """Allocate every tensor still on meta, fill it from `checkpoints` (in order, later wins) or by its module's
     reset_parameters, quantize quantized linears' weights as they arrive, then verify. Tensors that are
-    already real are left alone. Returns a LoadReport.
+    already real keep their values, moved to `device` if they are elsewhere. Returns a LoadReport.
 
     strict: a persistent tensor missing from all checkpoints (unless its module allows it: adapters) and a
     checkpoint key the model lacks are errors. With no checkpoints everything is initialized.
@@ -218,6 +218,7 @@ def materialize_and_load(
         _check_prequantized(model, readers, world_size)  # 2. validate, before any allocation
         _validate(plans, sources, world_size=world_size, strict=strict, allow_missing=allow_missing, report=report)
         _Filler(device, seed, pos.model_parallel_rank, world_size, report).fill(plans)  # 3. fill, module by module
+        _move_real_tensors(model, device)  # a visual backbone was built for real on the CPU
         _check_nothing_on_meta(model)  # 4. verify
     finally:
         for reader in owned:
@@ -227,6 +228,19 @@ def materialize_and_load(
     report.peak_device_memory = memory.peak_device_memory(device)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _move_real_tensors(model: nn.Module, device: torch.device) -> None:
+    """Tensors that were real before materialization (built with meta off, on the default device) go to `device`,
+    as everything materialized there: one device for the whole model (a mixed one fails at the first image, and
+    DDP refuses it). Through the module's own _apply, as model.to() would, so quantized weights move whole."""
+
+    def elsewhere(t: torch.Tensor) -> bool:
+        return t.device.type != device.type or (device.index is not None and t.device.index != device.index)
+
+    for module in model.modules():
+        if any(elsewhere(t) for _, t, *_ in _direct_tensors(module)):
+            module._apply(lambda t: t.to(device), recurse=False)
 
 
 def _key(mod_name: str, name: str) -> str:

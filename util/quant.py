@@ -303,6 +303,16 @@ class QuantLinear(nn.Module):
         self.state.has_fp16_weights = False
         self.state.threshold = 0.0
 
+    def _apply(self, fn, recurse: bool = True):
+        """model.to(device) etc.: Int8Params moves its codes, but the 8-bit matmul reads the codes and row scales
+        from `state`, plain attributes no Module method sees. They follow the weight here - its device only: the
+        scales stay fp32 whatever dtype the model is cast to (a buffer would be cast along)."""
+        super()._apply(fn, recurse)
+        if self.spec.bits == 8 and self.state is not None and self.is_quantized:
+            self.state.CB = self.weight.data
+            self.state.SCB = self.state.SCB.to(self.weight.device)
+        return self
+
     # --- pre-quantized weights: the packed data and quantization state as plain tensors (util.checkpoint's
     #     save_quantized writes them, materialize_and_load hands them back), so a model is quantized only once.
 

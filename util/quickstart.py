@@ -30,7 +30,7 @@ from util.build import build_model
 from util.checkpoint import write_meta_checkpoint
 from util.checkpoint.files import publish_dir
 from util.data import InstructionDataset, load_data_config, source_texts
-from util.dist import position
+from util.dist import control_group, position
 from util.tokenizer import Tokenizer, train_tokenizer
 from util.train import TrainConfig, Trainer
 
@@ -76,11 +76,12 @@ def prepare_quickstart(
         raise RuntimeError("prepare_quickstart must run before the model-parallel groups are set up")
     out = Path(out_dir)
     inputs = QuickstartInputs(out / "tokenizer.model", out / "base", LORA_CONFIG, Path(data_config))
+    control = control_group() if position().world_size > 1 else None  # made by all ranks before rank 0 works
     if position().is_main:
         with _all_threads():
             _prepare(inputs, PRETRAIN["steps"] if pretrain_steps is None else pretrain_steps)
     if position().world_size > 1:  # plain torch.distributed: the model-parallel groups come later
-        dist.barrier()
+        dist.barrier(group=control)  # gloo, long timeout: preparing may outlast NCCL's 10-minute watchdog
     return inputs
 
 

@@ -305,6 +305,13 @@ def _size(group: dist.ProcessGroup | None) -> int:
     return dist.get_world_size(group) if group is not None else 1
 
 
+def _norm_device(params: Sequence[tuple[nn.Parameter, int | None]], device: torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    grads = (p.grad.device for p, _ in params if p.grad is not None)
+    return next(grads, next((_local(p).device for p, _ in params), torch.device("cpu")))
+
+
 @torch.no_grad()
 def clip_grad_norm_(
     params: Sequence[tuple[nn.Parameter, int | None]],
@@ -312,6 +319,7 @@ def clip_grad_norm_(
     *,
     mp: dist.ProcessGroup | None = None,
     dp_sharded: dist.ProcessGroup | None = None,
+    device: torch.device | None = None,
 ) -> float:
     """Global L2 norm of the gradients of a model-parallel (and possibly FSDP-sharded) model; scales them to
     max_norm when larger (max_norm <= 0: only measures).
@@ -319,8 +327,10 @@ def clip_grad_norm_(
     Split parameters (shard dim not None) hold different slices on each model-parallel rank: their squares are
     summed across `mp`. Replicated ones hold the same gradient on every model-parallel rank: counted once.
     `dp_sharded`: the group FSDP shards every parameter across (its squares are summed there first).
+    `device`: where the sums are reduced (the training device); default: the gradients' device, else the parameters'
+    - never the CPU by default on a GPU rank that has no gradient this step, since nccl cannot reduce CPU tensors.
     """
-    device = next((p.grad.device for p, _ in params if p.grad is not None), torch.device("cpu"))
+    device = _norm_device(params, device)
     split = torch.zeros((), dtype=torch.float64, device=device)
     replicated = torch.zeros((), dtype=torch.float64, device=device)
     mp_size = _size(mp)
@@ -465,13 +475,15 @@ def resolve_resume(resume: str | Path, output_dir: Path) -> Path:
     return path
 
 
-def _rng_state() -> dict[str, Any]:
-    """RNG states as tensors and plain types, so torch.load(weights_only=True) reads them back."""
+def _rng_state(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """RNG states as tensors and plain types, so torch.load(weights_only=True) reads them back. CUDA: the state of
+    this rank's device only (`device`), so a resume that sees fewer GPUs never touches one that is not there."""
     version, mt, gauss = random.getstate()
     npstate = np.random.get_state(legacy=False)
+    device = torch.device(device)
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "python": {"version": version, "state": list(mt), "gauss": gauss},
         "numpy": {
             "bit_generator": npstate["bit_generator"],
@@ -483,10 +495,17 @@ def _rng_state() -> dict[str, Any]:
     }
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device | str = "cpu") -> None:
+    """Restores what _rng_state saved; the CUDA state goes to this rank's `device` (a checkpoint written before
+    states were per device holds a list over the GPUs then visible: this rank's entry is taken)."""
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    device, cuda = torch.device(device), state.get("cuda")
+    if device.type == "cuda" and cuda is not None:
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible device's state
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     n = state["numpy"]
@@ -499,6 +518,29 @@ def _set_rng_state(state: dict[str, Any]) -> None:
             "gauss": n["gauss"],
         }
     )
+
+
+class GroupGradScaler(torch.amp.GradScaler):
+    """fp16 loss scaling that skips a step on every rank or on none.
+
+    GradScaler checks this rank's gradients for inf/NaN. Under model parallel (or FSDP) each rank holds different
+    shard gradients, so one rank can overflow alone: it would skip the step while the others take it, and the
+    replicas drift apart silently. After unscaling, the overflow flag is all-reduced (max) over all ranks.
+    (Data parallel alone sees equal gradients after DDP's all-reduce; the reduction is then a cheap no-op.)"""
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        super().unscale_(optimizer)
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        # GradScaler's per-optimizer record of the overflow flags, one per device (torch's ShardedGradScaler reads
+        # it the same way). One reduction per rank whatever it holds, so that every rank makes the same calls.
+        found = self._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+        flag = torch.zeros((), dtype=torch.float32, device=self._scale.device)
+        for f in found.values():
+            flag = torch.maximum(flag, f.to(flag.device).reshape(()))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        for f in found.values():
+            f.copy_(flag.reshape(f.shape))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -546,7 +588,7 @@ class Trainer:
         self.module = unwrap(self.model)
         self.params = shard_dims_of(self.module)
         self.optimizer = torch.optim.AdamW(param_groups(self.module, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
-        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
+        self.scaler = GroupGradScaler(self.device.type) if cfg.precision == "fp16" else None
         self._setup_data(dataset)
 
         self.iteration = 0  # optimizer steps done: the schedule's position
@@ -622,7 +664,7 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         dp_sharded = self.dp if self.fsdp else None
-        norm = clip_grad_norm_(self.params, self.cfg.clip_grad, mp=self.mp, dp_sharded=dp_sharded)
+        norm = clip_grad_norm_(self.params, self.cfg.clip_grad, mp=self.mp, dp_sharded=dp_sharded, device=self.device)
         updated = loss_finite and math.isfinite(norm)
         if self.scaler is not None:
             if loss_finite:  # the scaler skips a step whose gradients overflowed by itself, and lowers its scale
@@ -805,7 +847,7 @@ class Trainer:
             _save_pt(self._fsdp_optimizer_state_out(), tmp / self._optimizer_file())
         elif self.pos.writes:  # the same on every data-parallel rank
             _save_pt(self.optimizer.state_dict(), tmp / self._optimizer_file())
-        _save_pt(_rng_state(), tmp / f"rng.rank{self.pos.rank:05d}.pt")
+        _save_pt(_rng_state(self.device), tmp / f"rng.rank{self.pos.rank:05d}.pt")
         if self.pos.is_main:
             _save_pt(self._train_state(), tmp / TRAIN_STATE)
         barrier()
@@ -873,7 +915,7 @@ class Trainer:
             self.optimizer.load_state_dict(optimizer_state)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(_load_pt(ckpt / f"rng.rank{self.pos.rank:05d}.pt"))
+        _set_rng_state(_load_pt(ckpt / f"rng.rank{self.pos.rank:05d}.pt"), self.device)
         if self.pos.is_main:
             where = f"epoch {self.epoch}, step {self.step_in_epoch}"
             log.info("resumed from %s at iteration %d (%s)", ckpt, self.iteration, where)
@@ -996,8 +1038,9 @@ class Trainer:
         barrier()
         if self.pos.is_main:
             if tokenizer_path is not None:
-                src = Path(tokenizer_path)
-                shutil.copyfile(src / "tokenizer.model" if src.is_dir() else src, tmp / "tokenizer.model")
+                from util.tokenizer import copy_tokenizer
+
+                copy_tokenizer(tokenizer_path, tmp)  # tokenizer.model or tokenizer.json, with its config
             publish_dir(tmp, out)
         barrier()
         return out

@@ -81,7 +81,9 @@ def init_sharded_(
     """Fill `local`, this rank's shard of a full tensor, with the values of a full-tensor init.
 
     `fill(block, generator)` initializes an fp32 block in place (fp32 because some inits, e.g. trunc_normal_,
-    are wrong or unsupported in half precision; the block is cast on copy).
+    are wrong or unsupported in half precision; the block is cast on copy). Blocks are drawn on the CPU whatever
+    `local`'s device: CUDA's generator gives other numbers for the same seed, and a model built on a GPU must equal
+    the one built on the CPU (random init is for new tensors - adapters, LoRA - so its speed matters little).
     """
     if base_seed is None:
         base_seed = draw_base_seed()
@@ -89,8 +91,8 @@ def init_sharded_(
     if shard_dim is not None:
         full_shape[shard_dim] *= world_size
     if local.dim() == 0 or local.numel() == 0:
-        gen = torch.Generator(device=local.device).manual_seed(_block_seed(base_seed, 0))
-        tmp = torch.empty(local.shape, dtype=torch.float32, device=local.device)
+        gen = torch.Generator().manual_seed(_block_seed(base_seed, 0))
+        tmp = torch.empty(local.shape, dtype=torch.float32)
         fill(tmp, gen)
         return local.copy_(tmp)
     rows = full_shape[0]
@@ -107,8 +109,8 @@ def init_sharded_(
     with torch.no_grad():
         for block in range(row_lo // rows_per_block, math.ceil(row_hi / rows_per_block)):
             b_lo, b_hi = block * rows_per_block, min(rows, (block + 1) * rows_per_block)
-            gen = torch.Generator(device=local.device).manual_seed(_block_seed(base_seed, block))
-            tmp = torch.empty((b_hi - b_lo, *full_shape[1:]), dtype=torch.float32, device=local.device)
+            gen = torch.Generator().manual_seed(_block_seed(base_seed, block))  # CPU: see above
+            tmp = torch.empty((b_hi - b_lo, *full_shape[1:]), dtype=torch.float32)
             fill(tmp, gen)
             if shard_dim not in (None, 0):
                 tmp = tmp[cols]

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from model.visual import create_backbone
 from tests.helpers import params_of, random_state_dict, tiny_args
 from util.build import build_model
 from util.checkpoint import CheckpointError, write_meta_checkpoint
-from util.images import load_image
+from util.images import ImageError, load_image
 from util.lazy_init import materialize_and_load, meta_init
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,7 +139,8 @@ def test_training_projection_and_lora_on_4bit_reduces_loss(base, tmp_path):
 def test_default_state_restored_when_the_backbone_constructor_raises():
     spec, kwargs = BACKBONES["timm"]
     before = (torch.get_default_dtype(), torch.get_default_device())
-    with pytest.raises(Exception), meta_init(torch.bfloat16):  # noqa: B017 - timm's own error type
+    message = r"visual_kwargs=.*'depth': 'two'.*the library cannot build it \(TypeError"
+    with pytest.raises(ValueError, match=message), meta_init(torch.bfloat16):
         Transformer(tiny_args(visual_backbone=spec, visual_kwargs=dict(kwargs, depth="two")))
     assert (torch.get_default_dtype(), torch.get_default_device()) == before
     assert not torch.empty(1).is_meta
@@ -156,23 +158,51 @@ def test_materialize_leaves_the_real_backbone_alone(tmp_path):
 
 def test_image_preprocessing_and_bad_files(tmp_path):
     _, pre = create_backbone(*BACKBONES["open_clip"])
+    assert pre.size == (32, 32) and pre.resize == "shortest" and not pre.convert_first  # open_clip: convert last
     img = Image.new("RGB", (64, 48), (255, 0, 0))
     img.save(tmp_path / "red.png")
     x = load_image(tmp_path / "red.png", pre)
     assert x.shape == (3, 32, 32)
-    expected = [
-        (1.0 - pre["mean"][0]) / pre["std"][0],
-        -pre["mean"][1] / pre["std"][1],
-        -pre["mean"][2] / pre["std"][2],
-    ]
-    torch.testing.assert_close(x[:, 16, 16], torch.tensor(expected), rtol=1e-4, atol=1e-4)
-    Image.new("L", (40, 40), 128).save(tmp_path / "gray.png")  # grayscale converts to RGB
-    assert load_image(tmp_path / "gray.png", pre).shape == (3, 32, 32)
+    expected = [(1.0 - pre.mean[0]) / pre.std[0], -pre.mean[1] / pre.std[1], -pre.mean[2] / pre.std[2]]
+    torch.testing.assert_close(x[:, 16, 16], torch.tensor(expected), rtol=1e-6, atol=1e-6)
+    Image.new("L", (40, 40), 128).save(tmp_path / "gray.png")  # grayscale converts to RGB: three equal channels
+    gray = (
+        load_image(tmp_path / "gray.png", pre) * torch.tensor(pre.std)[:, None, None]
+        + torch.tensor(pre.mean)[:, None, None]
+    )
+    torch.testing.assert_close(gray, torch.full_like(gray, 128 / 255), rtol=0, atol=1e-6)
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
-    with pytest.raises(ValueError, match="broken.png.*not a readable image"):
+    with pytest.raises(ImageError, match="broken.png: not a readable image"):
         load_image(tmp_path / "broken.png", pre)
-    with pytest.raises(FileNotFoundError, match="nope.jpg"):
+    with pytest.raises(ImageError, match="nope.jpg: image not found"):
         load_image(tmp_path / "nope.jpg", pre)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("open_clip:hf-hub:timm/ViT-B-16-SigLIP", "hub ids .* are refused because nothing may be downloaded"),
+        ("timm:hf-hub:timm/vit_tiny_patch16_224.augreg_in21k", "refused because nothing may be downloaded"),
+        ("timm:hf_hub:timm/vit_tiny_patch16_224", "refused because nothing may be downloaded"),
+        ("open_clip:local-dir:/tmp/clip", "refused because nothing may be downloaded"),
+        ("timm:https://example.com/vit.pth", "refused because nothing may be downloaded"),
+        ("open_clip:weights/ViT-B-32", "refused because nothing may be downloaded"),
+        ("open_clip:NoSuchModel", "open_clip has no model 'NoSuchModel'"),
+        ("timm:no_such_vit", "timm has no model 'no_such_vit'"),
+        ("keras:ResNet50", "expected 'open_clip:<model>' or 'timm:<model>'"),
+        ("open_clip:xlm-roberta-base-ViT-B-32", "text tower is a Hugging Face model whose config would be downloaded"),
+    ],
+)
+def test_backbones_that_would_download_or_do_not_exist_are_refused(spec, message, monkeypatch):
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    with pytest.raises(ValueError, match=message) as caught:
+        create_backbone(spec)
+    assert spec in str(caught.value)
 
 
 def test_images_on_a_text_model_and_wrong_weights_are_clear_errors(base, tmp_path):
@@ -203,3 +233,50 @@ def test_converter_takes_the_image_tower_of_a_clip_checkpoint(tmp_path):
     converted = load_file(str(out))
     assert converted.keys() == clip.visual.state_dict().keys()
     assert all(torch.equal(v, clip.visual.state_dict()[k]) for k, v in converted.items())
+
+
+def _convert(*argv: str):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts/convert_visual_weights.py"), *argv],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+
+
+def test_converter_errors_are_one_line_with_status_2(tmp_path):
+    import json
+
+    spec, kwargs = BACKBONES["timm"]
+    good, _ = _weights(tmp_path, "timm")
+    (tmp_path / "notes.pt").write_text("these are not weights")
+    torch.save({"step": 3, "lr": 0.1}, tmp_path / "counters.pt")  # a torch file, not tensors
+    out = tmp_path / "out.safetensors"
+    cases = {
+        "wrong backbone": (
+            ["--backbone", "keras:vit", "--input", str(good)],
+            "--backbone: visual_backbone='keras:vit'",
+        ),
+        "unknown model": (["--backbone", "timm:no_such_vit", "--input", str(good)], "timm has no model 'no_such_vit'"),
+        "hub backbone": (["--backbone", "open_clip:hf-hub:a/b", "--input", str(good)], "nothing may be downloaded"),
+        "not a checkpoint": (
+            ["--backbone", spec, "--kwargs", json.dumps(kwargs), "--input", str(tmp_path / "notes.pt")],
+            "notes.pt: not a checkpoint that can be read safely",
+        ),
+        "no tensors": (
+            ["--backbone", spec, "--kwargs", json.dumps(kwargs), "--input", str(tmp_path / "counters.pt")],
+            "counters.pt: expected a dict of tensors",
+        ),
+        "missing file": (["--backbone", spec, "--input", str(tmp_path / "gone.pt")], "gone.pt: no such file"),
+        "other model's weights": (  # tiny timm weights into the default-size timm model
+            ["--backbone", spec, "--input", str(good)],
+            "does not fit --backbone timm:vit_tiny_patch16_224: .* of another shape",
+        ),
+        "bad kwargs": (["--backbone", spec, "--kwargs", "{depth: 2}", "--input", str(good)], "--kwargs .*not JSON"),
+    }
+    for name, (argv, message) in cases.items():
+        done = _convert(*argv, "--output", str(out))
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, (name, done.stderr)
+        assert lines[0].startswith("error: ") and re.search(message, lines[0]), (name, lines[0])
+        assert not out.exists()
+    done = _convert("--backbone", spec, "--kwargs", json.dumps(kwargs), "--input", str(good), "--output", str(out))
+    assert done.returncode == 0 and out.is_file(), done.stderr

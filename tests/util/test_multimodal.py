@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +16,16 @@ import pytest
 import torch
 from PIL import Image
 
+from model.visual import ImagePreprocess
 from tests.finetune_env import make_env
 from tests.helpers import tiny_args
 from tests.model.test_visual import BACKBONES, _weights
+from tests.util.test_images import bad_images
 from util.build import build_model
 from util.data import DataError, InstructionDataset, collate, load_data_config
-from util.generate import SamplingParams, generate
+from util.generate import Chat, SamplingParams, generate
+from util.images import load_image
+from util.tokenizer import Tokenizer
 from util.train import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,12 +52,12 @@ def _image_set(root: Path, *, bad: bool = False) -> Path:
             ],
         })  # fmt: skip
     if bad:
-        (root / "images" / "broken.png").write_bytes(b"\x89PNG not really")
+        bad_images(root / "images")  # files Pillow refuses in different ways
         conv = records[0]["conversations"]
+        records += [{"image": f"images/{name}", "conversations": conv} for name in BAD]  # [4] ... [10]
         records += [
-            {"image": "images/missing.png", "conversations": conv},  # [4]
-            {"image": "images/broken.png", "conversations": conv},  # [5]
-            {"conversations": conv},  # [6]: no image
+            {"conversations": conv},  # [11]: no image
+            {"image": "images/truncated.jpg", "conversations": conv},  # [12]: passes the check, fails to decode
         ]
     (root / "mm.json").write_text(json.dumps(records))
     cfg = root / "mm.yaml"
@@ -68,22 +73,69 @@ def _visual_args(tmp_path, kind="timm", **overrides):
     )
 
 
-def test_image_conversation_set_loads_and_bad_records_are_reported(env, tmp_path, caplog):
+# the bad files of tests/util/test_images.py, each with the reason its record is reported with
+BAD = {
+    "missing.png": "image not found",
+    "text.png": "not a readable image \\(UnidentifiedImageError",
+    "bad_crc.png": "not a readable image \\(SyntaxError: broken PNG file",  # escaped the handler before
+    "bomb.png": "too large \\(Image size \\(196000000 pixels\\) exceeds limit",  # Pillow's DecompressionBombError
+    "big.png": "9000x9000 pixels is over the limit of 67108864 \\(max_image_pixels\\)",
+    "cut.jpg": "not a readable image \\(OSError: Truncated File Read",
+    "full.jpg": None,  # a good one (JPEG)
+}
+PRE = ImagePreprocess((32, 32), "shortest", (32, 32), "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def test_every_bad_image_is_a_skipped_record_named_by_file_index_and_path(env, tmp_path, caplog):
     cfg = _image_set(tmp_path, bad=True)
-    pre = {"size": 32, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
     with caplog.at_level(logging.WARNING):
-        ds = InstructionDataset(load_data_config(cfg), env.tokenizer, max_words=64, preprocess=pre)
-    assert len(ds) == 4 and ds.has_images
+        ds = InstructionDataset(load_data_config(cfg), env.tokenizer, max_words=64, preprocess=PRE)
+    assert len(ds) == 6 and ds.has_images  # 4 colours, full.jpg, truncated.jpg
     warning = caplog.text
-    assert "mm.json" in warning and "3 of 7" in warning
-    assert "[4]: image not found" in warning and "[5]" in warning and "not a readable image" in warning
-    assert '[6]: missing field "image"' in warning
+    assert f"{tmp_path / 'mm.json'}: skipped 7 of 13 bad image_conversation record(s)" in warning
+    for index, (name, reason) in enumerate(BAD.items(), start=4):
+        if reason is not None:
+            assert re.search(rf"\[{index}\]: image {re.escape(str(tmp_path / 'images' / name))}: {reason}", warning)
+    assert '[11]: missing field "image"' in warning
     tokens, labels, image = ds[0]
     assert image.shape == (3, 32, 32) and tokens.shape == labels.shape
     batch = collate([ds[i] for i in range(3)])
     assert len(batch) == 3 and batch[2].shape == (3, 3, 32, 32)
-    with pytest.raises(DataError, match=r"mm.json: 3 of 7 image_conversation record\(s\) are bad"):
+    # truncated.jpg passes the check (Pillow verifies no JPEG data) and fails to decode: skipped when read,
+    # reported the same way, and its item takes the next record (wrapping to the first)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        tokens, labels, image = ds[5]
+    first = ds[0]
+    assert torch.equal(tokens, first[0]) and torch.equal(image, first[2])
+    truncated = tmp_path / "images" / "truncated.jpg"
+    assert f"{tmp_path / 'mm.json'}: [12]: image {truncated}: not a readable image" in caplog.text
+    assert "skipped (item 5 takes the next record)" in caplog.text
+    with pytest.raises(DataError, match=r"mm.json: 7 of 13 image_conversation record\(s\) are bad"):
         InstructionDataset(load_data_config(cfg), env.tokenizer, max_words=64, strict=True)
+    records = json.loads((tmp_path / "mm.json").read_text())
+    (tmp_path / "late.json").write_text(json.dumps([records[0], records[12]]))
+    (tmp_path / "late.yaml").write_text("sources:\n  - {path: late.json, type: image_conversation}\n")
+    strict = InstructionDataset(load_data_config(tmp_path / "late.yaml"), env.tokenizer, max_words=64, strict=True,
+                                preprocess=PRE)  # fmt: skip
+    with pytest.raises(DataError, match=r"late.json: \[1\]: image .*truncated.jpg: not a readable image"):
+        strict[1]
+    # the size limit is a per-source option
+    (tmp_path / "small.yaml").write_text(
+        "sources:\n  - {path: mm.json, type: image_conversation, max_image_pixels: 1000}\n"
+    )
+    with caplog.at_level(logging.WARNING), pytest.raises(DataError, match="no usable image_conversation records"):
+        InstructionDataset(load_data_config(tmp_path / "small.yaml"), env.tokenizer, max_words=64)
+    assert "40x36 pixels is over the limit of 1000 (max_image_pixels)" in caplog.text
+    (tmp_path / "wrong.yaml").write_text(
+        f"sources:\n  - {{path: {ROOT / 'data' / 'alpaca_tiny.json'}, type: alpaca, max_image_pixels: 1000}}\n"
+    )
+    with pytest.raises(DataError, match="max_image_pixels must be an integer > 0 on an image_conversation source"):
+        load_data_config(tmp_path / "wrong.yaml")
+
+
+def test_image_data_needs_a_visual_model_and_is_not_mixed_with_text(env, tmp_path):
+    cfg = _image_set(tmp_path)
     # no preprocessing config (no visual model): a clear error when an item is read
     with pytest.raises(DataError, match="visual"):
         InstructionDataset(load_data_config(cfg), env.tokenizer, max_words=64)[0]
@@ -130,14 +182,20 @@ def test_greedy_generation_with_an_image_and_cache_equals_full_recompute(env, tm
             if "gate" in name:
                 p.data.fill_(0.5)
     model.eval()
-    image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    prompt = [1, 17, 42, 99, 7]
-    cached = generate(model, [prompt], SamplingParams(max_new_tokens=8), images=image)[0]
-    seq = list(prompt)
-    with torch.no_grad():
-        for _ in range(8):
-            seq.append(int(model(torch.tensor([seq]), images=image)[0, -1].argmax()))
-    assert cached == seq[len(prompt) :]
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    image = images[:1]
+    prompts = [[1, 17, 42, 99, 7], [1, 17, 42, 99, 7]]  # the same text, two images
+    passes = []
+    hook = model.visual.register_forward_hook(lambda module, args, out: passes.append(args[0].shape[0]))
+    cached = generate(model, prompts, SamplingParams(max_new_tokens=8), images=images)
+    hook.remove()
+    assert passes == [2]  # the image encoder ran once for the whole generation (both modes), not once a token
+    for row, prompt in enumerate(prompts):
+        seq = list(prompt)
+        with torch.no_grad():  # the reference: the whole sequence and its image through the model at every step
+            for _ in range(8):
+                seq.append(int(model(torch.tensor([seq]), images=images[row : row + 1])[0, -1].argmax()))
+        assert cached[row] == seq[len(prompt) :]
     with torch.no_grad():  # the image is read
         x = torch.tensor([prompt])
         assert not torch.allclose(model(x, images=image), model(x, images=torch.zeros_like(image) + 2))
@@ -159,11 +217,19 @@ def test_demo_prompt_with_an_image(env, tmp_path):
     Image.new("RGB", (50, 40), (10, 200, 30)).save(tmp_path / "pic.png")
     common = [
         "--tokenizer_path", str(env.tokenizer), "--pretrained_path", str(env.base), "--quant", "none", "--dtype",
-        "fp32", "--temperature", "0", "--max_new_tokens", "6", "--prompt", "What is this?",
+        "fp32", "--temperature", "0", "--repetition_penalty", "1", "--max_new_tokens", "6", "--prompt", "What is this?",
     ]  # fmt: skip
     done = _demo(*common, "--llama_config", str(config), "--image", str(tmp_path / "pic.png"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.endswith("\n") and "error" not in done.stderr.lower()
+    # the answer is the one the same model gives in-process for that picture (greedy, fp32: exactly)
+    model, _ = build_model(args, [env.base], dtype=torch.float32)
+    image = load_image(tmp_path / "pic.png", model.visual.preprocess).unsqueeze(0)
+    reply = Chat(model, Tokenizer(env.tokenizer)).send(
+        "What is this?", SamplingParams(max_new_tokens=6, temperature=0), images=image
+    )
+    expected = "".join(reply)
+    assert expected.strip() and done.stdout == expected + "\n", (done.stdout, expected)
     # a text-only model with --image: a clear message
     done = _demo(*common, "--image", str(tmp_path / "pic.png"))
     assert done.returncode == 2 and "text-only" in done.stderr and "--image" in done.stderr

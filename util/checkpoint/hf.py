@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -38,7 +39,10 @@ from util.checkpoint.reader import (
     unknown_file_type,
 )
 from util.checkpoint.safetensors import SafetensorsFile, WriteItem, dtype_name, write_safetensors
-from util.hf_config import hf_config_to_params
+from util.hf_config import hf_config_to_params, params_to_hf_fields
+
+# The transformer-block projections (what HF quantizes: every nn.Linear except lm_head)
+_PROJECTION = re.compile(r"layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight")
 
 
 def _ffn_hidden_dim(params: Mapping[str, Any]) -> int:
@@ -210,26 +214,61 @@ FORMAT = CheckpointFormat(
 )
 
 
+def hf_config(params: Mapping[str, Any], *, vocab_size: int, dtype: str) -> dict[str, Any]:
+    """A complete LlamaForCausalLM config.json for a ModelArgs-named config (what write_hf_checkpoint writes)."""
+    n_heads = params["n_heads"]
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "hidden_size": params["dim"],
+        "intermediate_size": _ffn_hidden_dim(params),
+        "num_hidden_layers": params["n_layers"],
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": params.get("n_kv_heads") or n_heads,
+        "rms_norm_eps": params.get("norm_eps", 1e-5),
+        "vocab_size": vocab_size,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": dtype,
+        **params_to_hf_fields(params),  # RoPE theta and scaling, head_dim, tying, token ids
+    }
+
+
+# Packed replacements of one HF-layout weight: suffix ("" for the weight itself) -> tensor (see write_hf_checkpoint)
+Quantizer = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
+
+
 def write_hf_checkpoint(
     out_dir: str | Path,
     state_dict: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
     *,
     params: dict[str, Any],
     max_shard_bytes: int | None = None,
+    quantize: Quantizer | None = None,
+    quantization_config: dict[str, Any] | None = None,
 ) -> Path:
     """Write a Hugging Face LLaMA checkpoint from Meta-named tensors: config.json + model.safetensors, or
     model-0000N-of-0000M.safetensors + model.safetensors.index.json when `max_shard_bytes` splits it.
 
     Names are mapped, wq/wk get HF's rotary permutation (n_heads / n_kv_heads from `params`), rope.freqs is
-    dropped. `state_dict` may be a dict or an iterable of (key, tensor) pairs. Memory: from a dict, one
+    dropped; with params' tie_word_embeddings the output head is not written (HF ties it to the embedding).
+    config.json is complete (`hf_config`: RoPE theta and scaling, head_dim, tying, token ids).
+    `state_dict` may be a dict or an iterable of (key, tensor) pairs. Memory: from a dict, one
     permuted copy at a time; from an iterable, the tensors of the shard being filled are held until it is
     written (so pass `max_shard_bytes` to bound memory when streaming a large model).
+
+    `quantize(hf_name, weight)`, given, is called on each transformer-block projection in HF's layout (q/k already
+    permuted, so packed blocks follow HF's rows) and returns the tensors to store instead, by name suffix (e.g.
+    bitsandbytes' "" packed weight, ".absmax", ".quant_state.bitsandbytes__nf4"); `quantization_config` goes into
+    config.json.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n_heads = params["n_heads"]
     n_kv_heads = params.get("n_kv_heads") or n_heads
-    lazy = isinstance(state_dict, Mapping)
+    tied = bool(params.get("tie_word_embeddings", False))
+    lazy = isinstance(state_dict, Mapping) and quantize is None
     pairs = state_dict.items() if isinstance(state_dict, Mapping) else state_dict
     shards: list[tuple[Path, list[str]]] = []
     current: list[WriteItem] = []
@@ -256,18 +295,25 @@ def write_hf_checkpoint(
                 continue
             if key == "tok_embeddings.weight" and (vocab_size is None or vocab_size < 0):
                 vocab_size = t.shape[0]
+            if key == "output.weight" and tied:
+                continue
             heads = {"n_heads": n_heads, "n_kv_heads": n_kv_heads}.get(qk_heads_param(key) or "")
             if heads and not lazy:  # from a stream, hold the permuted copy instead of the original
                 t = hf_permute_qk(t.detach(), heads)
                 heads = None
             name = meta_to_hf_name(key)
-            nbytes = t.numel() * t.element_size()
-            if max_shard_bytes is not None and current and current_bytes + nbytes > max_shard_bytes:
-                flush()
-            current.append(WriteItem(name, t.dtype, tuple(t.shape), producer(t, heads)))
-            current_bytes += nbytes
-            seen[name] = t.dtype
-            del t
+            items = {name: t}
+            if quantize is not None and _PROJECTION.fullmatch(key):
+                items = {name + suffix: q for suffix, q in quantize(name, t).items()}
+            for item_name, item in items.items():
+                nbytes = item.numel() * item.element_size()
+                if max_shard_bytes is not None and current and current_bytes + nbytes > max_shard_bytes:
+                    flush()
+                current.append(WriteItem(item_name, item.dtype, tuple(item.shape), producer(item, heads)))
+                current_bytes += nbytes
+                if item_name == name:
+                    seen[name] = t.dtype
+            del t, items
         flush()
         if len(shards) == 1:
             os.replace(shards[0][0], out / "model.safetensors")
@@ -285,21 +331,10 @@ def write_hf_checkpoint(
     finally:
         for tmp_name, _ in shards:
             tmp_name.unlink(missing_ok=True)
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_act": "silu",
-        "hidden_size": params["dim"],
-        "intermediate_size": _ffn_hidden_dim(params),
-        "num_hidden_layers": params["n_layers"],
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": n_kv_heads,
-        "rms_norm_eps": params.get("norm_eps", 1e-5),
-        "rope_theta": params.get("rope_theta", 10000.0),
-        "vocab_size": vocab_size,
-        "max_position_embeddings": params.get("max_seq_len", 2048),
-        "torch_dtype": dtype_name(seen.values()),
-        "tie_word_embeddings": False,
-    }
+    if quantize is not None:  # the dtype of the unquantized tensors (the packed ones are uint8)
+        seen = {n: d for n, d in seen.items() if d.is_floating_point}
+    config = hf_config(params, vocab_size=vocab_size, dtype=dtype_name(seen.values()))
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
     write_json(out / "config.json", config)
     return out

@@ -163,7 +163,9 @@ def detect(path: Path) -> bool:
 def open_meta(path: Path) -> MetaReader:
     """A Meta directory (params.json beside the shards becomes `config`) or a single .pth/.pt file."""
     if path.is_dir():
-        return MetaReader(path, _meta_files(path), read_config(path / "params.json"))
+        config = read_config(path / "params.json")
+        extra = read_config(path / "extra_params.json")  # what export_meta keeps out of Meta's params.json
+        return MetaReader(path, _meta_files(path), {**config, **extra} if config and extra else config)
     if path.suffix == ".safetensors":
         raise CheckpointError(f"{path}: a safetensors file cannot be read as format 'meta' (.pth files only)")
     if path.suffix in (".pth", ".pt"):

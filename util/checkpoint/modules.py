@@ -219,10 +219,103 @@ _META_KEY = re.compile(
 )
 
 
+# Meta's params.json keys (llama / llama-models reference code): other LLaMA code reads these and nothing else.
+META_PARAMS_KEYS = (
+    "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps",
+    "rope_theta", "use_scaled_rope",
+)  # fmt: skip
+# Written beside params.json in EXTRA_PARAMS_FILE: settings Meta's file has no key for that do not change the
+# weights' math elsewhere (this project's reader merges them back).
+EXTRA_PARAMS_KEYS = ("max_seq_len", "bos_token_id", "eos_token_id", "pad_token_id")
+EXTRA_PARAMS_FILE = "extra_params.json"
+
+
+def _meta_rule_hidden(dim: int, multiple_of: int, multiplier: float | None) -> int:
+    """SwiGLU hidden size as Meta's reference (and HF's convert_llama_weights_to_hf) computes it."""
+    hidden = int(2 * 4 * dim / 3)
+    if multiplier is not None:
+        hidden = int(multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def meta_params(params: dict[str, Any], *, hidden_dim: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a config into Meta's params.json (its keys only) and the extra settings (EXTRA_PARAMS_KEYS).
+
+    The SwiGLU size is expressed with multiple_of / ffn_dim_multiplier so Meta's rule gives `hidden_dim` (default:
+    ffn_hidden_dim or the rule on the given values). Fields that change the math and that Meta's format cannot
+    express (an explicit head size, RoPE scaling other than Meta's llama3 constants, adapters) are refused by name.
+    """
+    from model.args import ModelArgs  # only for the field defaults
+
+    defaults = ModelArgs.__dataclass_fields__
+    dim, n_heads = int(params["dim"]), int(params["n_heads"])
+    problems = []
+    head_size = params.get("head_size")
+    if head_size is not None and head_size != dim // n_heads:
+        problems.append(f"head_size={head_size} (Meta's code uses dim // n_heads = {dim // n_heads})")
+    scaling = params.get("rope_scaling")
+    use_scaled = bool(params.get("use_scaled_rope", False))
+    if scaling:
+        try:
+            from model.args import META_LLAMA3_ROPE_SCALING  # present with RoPE scaling support
+        except ImportError:
+            META_LLAMA3_ROPE_SCALING = None
+        if scaling == META_LLAMA3_ROPE_SCALING:
+            use_scaled = True
+        else:
+            problems.append(f"rope_scaling={scaling} (Meta's params.json has only use_scaled_rope: llama3 factor 8)")
+    for key in ("lora_rank", "adapter_len", "adapter_layers"):
+        if params.get(key):
+            problems.append(f"{key}={params[key]} (merge LoRA first; adapters have no place in Meta's format)")
+    for key in ("bias_tuning", "norm_tuning"):
+        if params.get(key):
+            problems.append(f"{key}=true (bias/norm tuning has no place in Meta's format)")
+    if params.get("visual_backbone"):
+        problems.append(f"visual_backbone={params['visual_backbone']!r} (Meta's LLaMA format is text only)")
+    if problems:
+        raise CheckpointError(
+            "Meta's params.json cannot express: " + "; ".join(problems) + ". Export to Hugging Face (--to hf) instead"
+        )
+    multiple_of = int(params.get("multiple_of", defaults["multiple_of"].default))
+    multiplier = params.get("ffn_dim_multiplier")
+    if hidden_dim is None:
+        hidden_dim = params.get("ffn_hidden_dim") or _meta_rule_hidden(dim, multiple_of, multiplier)
+    if _meta_rule_hidden(dim, multiple_of, multiplier) != hidden_dim:
+        # Any hidden size >= 1 can be written as multiple_of=hidden with a multiplier that brings the rule's
+        # unrounded size into (0, hidden]; check the rule's result rather than trust the float arithmetic.
+        base = int(2 * 4 * dim / 3)
+        multiple_of, multiplier = hidden_dim, (None if base <= hidden_dim else hidden_dim / base)
+        if _meta_rule_hidden(dim, multiple_of, multiplier) != hidden_dim:
+            raise CheckpointError(
+                f"Meta's params.json cannot express the feed-forward size {hidden_dim} for dim {dim} (its rule: "
+                "multiple_of * ceil(ffn_dim_multiplier * int(8 * dim / 3) / multiple_of)); export to Hugging Face"
+            )
+    meta = {
+        "dim": dim,
+        "n_layers": int(params["n_layers"]),
+        "n_heads": n_heads,
+        "n_kv_heads": int(params.get("n_kv_heads") or n_heads),
+        "vocab_size": int(params.get("vocab_size", -1)),
+        "multiple_of": multiple_of,
+        "norm_eps": float(params.get("norm_eps", defaults["norm_eps"].default)),
+        "rope_theta": float(params.get("rope_theta", defaults["rope_theta"].default)),
+    }
+    # Optional keys only when set: Llama 2's reference code takes no use_scaled_rope, and HF's converter
+    # multiplies by ffn_dim_multiplier when the key is present (null fails there).
+    if multiplier is not None:
+        meta["ffn_dim_multiplier"] = multiplier
+    if use_scaled:
+        meta["use_scaled_rope"] = True
+    extra = {k: params[k] for k in EXTRA_PARAMS_KEYS if k in defaults and params.get(k) is not None}
+    return meta, extra
+
+
 def export_meta(model: torch.nn.Module, out_dir: str | Path, *, params: dict[str, Any]) -> Path | None:
     """Write a full-precision model in Meta's format (consolidated.NN.pth per model-parallel rank + params.json),
     e.g. after merge_lora, to serve it with any LLaMA code. Only data-parallel rank 0 writes.
 
+    params.json holds Meta's keys only (`meta_params`: a LoRA rank or a visual backbone in it would make a reader
+    build modules the weights do not have); max_seq_len and token ids go to extra_params.json beside it.
     Refuses quantized weights and tensors Meta's layout has no place for (adapters, tuning biases): merge or
     drop them first.
     """
@@ -230,18 +323,32 @@ def export_meta(model: torch.nn.Module, out_dir: str | Path, *, params: dict[str
     writes, rank = pos.writes, pos.model_parallel_rank
     if not writes:
         return None
-    tensors, _ = model_state(model)
+    tensors, dims = model_state(model)
     extra = sorted(k for k in tensors if not _META_KEY.match(k))
     if extra:
         raise CheckpointError(
             f"export_meta({out_dir}): Meta's format has no place for {extra[:6]}{' ...' if len(extra) > 6 else ''}; "
             "merge LoRA first (model.peft.merge_lora) and export models without adapters or tuning biases"
         )
+    if "output.weight" not in tensors and "tok_embeddings.weight" in tensors:
+        if dims.get("tok_embeddings.weight") is not None and pos.model_parallel_size > 1:
+            raise CheckpointError(
+                f"export_meta({out_dir}): the output head is tied to the embedding, and Meta's format needs its own "
+                "output.weight (split by rows, the embedding by columns): export at model-parallel size 1"
+            )
+        tensors["output.weight"] = tensors["tok_embeddings.weight"]  # Meta's format always has its own head
+    w1 = next((k for k in tensors if k.endswith("feed_forward.w1.weight")), None)
+    hidden = None
+    if w1 is not None:
+        hidden = tensors[w1].shape[0] * (pos.model_parallel_size if dims.get(w1) == 0 else 1)
+    meta, extra_params = meta_params(params, hidden_dim=hidden)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"consolidated.{rank:02d}.pth"
     with atomic_write(target) as f:
         torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, f)
     if rank == 0:
-        write_json(out / "params.json", params)
+        write_json(out / "params.json", meta)
+        if extra_params:
+            write_json(out / EXTRA_PARAMS_FILE, extra_params)
     return target

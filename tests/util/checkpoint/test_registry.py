@@ -42,9 +42,11 @@ def test_unknown_layout_message_is_unchanged(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError) as err:
         open_checkpoint(tmp_path)
     assert str(err.value) == (
-        f"{tmp_path}: unknown checkpoint layout. Looked for lazyllama.json (lazyllama), consolidated.NN.pth + "
-        "params.json (Meta), *.safetensors + config.json (Hugging Face; pytorch_model*.bin is not supported: "
-        "convert to safetensors); found notes.txt, pytorch_model.bin"
+        f"{tmp_path}: unknown checkpoint layout. Looked for lazyllama.json (lazyllama), "
+        "consolidated.NN-of-MM.model.pth + config.json (LLaMA2-Accessory), consolidated.NN.pth + params.json (Meta), "
+        "adapter_config.json + adapter_model.safetensors (peft LoRA adapter), config.json with a bitsandbytes "
+        "quantization_config (Hugging Face 4/8-bit save), *.safetensors + config.json (Hugging Face; "
+        "pytorch_model*.bin is not supported: convert to safetensors); found notes.txt, pytorch_model.bin"
     )
 
 
