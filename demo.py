@@ -13,7 +13,9 @@ Terminal commands: /clear (forget the conversation), /help, /quit (or Ctrl-D).
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -23,6 +25,29 @@ DEFAULT_BASE = Path("out/quickstart/base")
 DEFAULT_DELTA = Path("out/quickstart/final")
 DEFAULT_TOKENIZER = Path("out/quickstart/tokenizer.model")
 HELP = "commands: /clear forgets the conversation, /quit (or Ctrl-D) quits, /help shows this"
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a number, not NaN or Inf (sampling with them gives NaN probabilities, or only noise)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def as_valid_text(text: str) -> tuple[str, bool]:
+    """(text, changed): input that was not valid UTF-8 made valid, each invalid byte a U+FFFD. Python hands such
+    bytes over as lone surrogates (the command line, and a terminal or pipe read with surrogateescape); a browser
+    can send lone surrogates too. The tokenizer cannot encode them, so they are replaced here and the chat goes on."""
+    if not _SURROGATE.search(text):
+        return text, False
+    # escaped bytes (U+DC80-U+DCFF) back to bytes, other lone surrogates to U+FFFD, then a lenient decode
+    text = re.sub("[\ud800-\udc7f\udd00-\udfff]", "\ufffd", text)
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), True
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+NOT_UTF8 = "the message was not valid UTF-8: its invalid bytes were replaced by \ufffd"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,10 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     s = p.add_argument_group("sampling (the web page has its own controls)")
     s.add_argument("--max_new_tokens", type=int, default=None, help="default: 128, at most a quarter of the context")
-    s.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
-    s.add_argument("--top_p", type=float, default=0.9)
+    s.add_argument("--temperature", type=finite_float, default=0.7, help="0: greedy")
+    s.add_argument("--top_p", type=finite_float, default=0.9)
     s.add_argument("--top_k", type=int, default=0, help="0: no limit")
-    s.add_argument("--repetition_penalty", type=float, default=1.1, help="1: off")
+    s.add_argument("--repetition_penalty", type=finite_float, default=1.1, help="1: off")
     s.add_argument("--seed", type=int, default=None)
     p.add_argument(
         "--save_quantized",
@@ -198,7 +223,10 @@ def answer(chat, request, images=None):
 
 
 def run_prompt(chat, group: Group, opts, log, images=None) -> int:
-    reply = answer(chat, ([], opts.prompt, sampling(opts)), images)
+    prompt, changed = as_valid_text(opts.prompt)
+    if changed:
+        log(f"warning: {NOT_UTF8}")
+    reply = answer(chat, ([], prompt, sampling(opts)), images)
     for note in reply.notes:
         log(f"warning: {note}")
     for delta in reply:
@@ -213,17 +241,23 @@ def run_terminal(chat, group: Group, opts, log, images=None) -> int:
     params = sampling(opts)
     if group.is_main:
         print(f"Chat ({HELP}).", flush=True)
+        if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 arrive escaped, not as an exception
+            sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         line = None
         if group.is_main:
             try:
-                line = input("you> ")
+                line, changed = as_valid_text(input("you> "))
             except EOFError:  # Ctrl-D
                 print()
-                line = "/quit"
+                line, changed = "/quit", False
             except KeyboardInterrupt:
                 print()
                 continue
+            except UnicodeDecodeError:  # a stdin that cannot be reconfigured
+                line, changed = "", True
+            if changed:
+                log(f"warning: {NOT_UTF8}")
         line = group.share(line).strip()
         if line in ("/quit", "/exit"):
             return 0
@@ -347,7 +381,7 @@ def web(chat, group: Group, opts, log) -> None:
 
     def respond(message, history, image, temperature, top_p, top_k, max_new_tokens, repetition_penalty):
         history = list(history or [])
-        message = (message or "").strip()
+        message, changed = as_valid_text((message or "").strip())
         if not message:
             yield history, "", "Empty message: type something first."
             return
@@ -378,7 +412,7 @@ def web(chat, group: Group, opts, log) -> None:
             return
         turns = turns_of(history)
         reply = answer(chat, group.share((turns, message, params, images)))
-        status = " ".join(f"Note: {n}." for n in reply.notes)
+        status = " ".join(f"Note: {n}." for n in [*reply.notes, *([NOT_UTF8] if changed else [])])
         history += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         yield history, "", status
         try:

@@ -15,7 +15,10 @@ tokenizer.model). The config is the checkpoints' params.json/config.json, then -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +28,9 @@ from torch import nn
 
 from model.args import ModelArgs
 from model.peft import uses_peft
+from util import output_dir as out_lock
 from util.build import build_model, model_config, open_checkpoints
-from util.cli import process_groups, run, save_quantized_for_reuse, setup_logging
+from util.cli import is_main_process, process_groups, run, save_quantized_for_reuse, setup_logging
 from util.data import InstructionDataset, load_data_config
 from util.dist import DistInfo, init_distributed, init_process_group, local_device
 from util.export import convert
@@ -114,6 +118,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     t.add_argument("--max_iters", type=int, help="optimizer steps in all (wins over --epochs)")
     t.add_argument("--clip_grad", type=float, help="max global grad norm, <= 0 for none (default 2.0)")
     t.add_argument("--seed", type=int)
+    t.add_argument(
+        "--max_bad_steps",
+        type=int,
+        help="stop after N steps in a row with a non-finite loss or grad norm (skipped), 0: never (default 5)",
+    )
 
     d = p.add_argument_group("data")
     d.add_argument("--data_config", help="YAML listing the data sources (default: the bundled quickstart data)")
@@ -217,10 +226,12 @@ def build_settings(opts: argparse.Namespace, args: ModelArgs, cfg: TrainConfig) 
     return quant, torch.float32 if cfg.precision == "fp32" or not peft else PRECISIONS[cfg.precision]
 
 
-def main(argv: list[str] | None = None) -> FinetuneResult:
+def main(argv: list[str] | None = None) -> FinetuneResult | int:
     opts = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     setup_logging()
-    with process_groups():
+    # one run per --output_dir: rank 0 holds its lock for the whole run, taken before anything is made there
+    with process_groups(), out_lock.locked(opts.output_dir) if is_main_process() else contextlib.nullcontext():
         init_process_group()
         if opts.quickstart:
             opts = with_quickstart_inputs(opts)
@@ -241,6 +252,8 @@ def main(argv: list[str] | None = None) -> FinetuneResult:
             args = model_config(bases, opts.llama_config, tokenizer=tokenizer)
             dataset = load_data(opts, args, tokenizer)  # before the model: a bad data file fails in seconds
             quant, dtype = build_settings(opts, args, cfg)
+            if info.is_main:  # a read-only or full disk is reported now, not after the build and the first steps
+                out_lock.check_writable(output_dir, 2 * checkpoint_bytes(args, quant, cfg))
             with open_checkpoints(resume) as resumed:
                 model, _ = build_model(
                     args, [*bases, *resumed], quant=quant, dtype=dtype, device=device, seed=opts.seed
@@ -253,7 +266,12 @@ def main(argv: list[str] | None = None) -> FinetuneResult:
             log_plan(trainer, len(dataset), info)
         if resume:
             trainer.resume(resume[0])
-        losses = trainer.fit()
+        try:
+            losses = trainer.fit()
+        except KeyboardInterrupt:
+            if info.is_main:
+                print(interrupted(trainer, argv), file=sys.stderr, flush=True)
+            return 130  # as a shell reports a process ended by SIGINT
         final = trainer.save_final(output_dir / "final", tokenizer.path)
         if info.is_main:
             print_summary(opts, trainer, final, losses, quant)
@@ -262,6 +280,39 @@ def main(argv: list[str] | None = None) -> FinetuneResult:
             out = convert(sources, to=fmt, out=output_dir / f"export-{fmt}", tokenizer_path=tokenizer_path)
             print(f"exported to {out}")
         return FinetuneResult(final, losses, trainer.module, args, [*map(Path, opts.pretrained_path), *resume])
+
+
+def checkpoint_bytes(args: ModelArgs, quant: str | None, cfg: TrainConfig) -> int:
+    """About the size of one checkpoint, from the config alone (before the model exists): the trainable tensors in
+    fp32 with AdamW's two moments, plus the frozen weights where the full model is saved."""
+    d, hd, f = args.dim, args.head_dim, args.hidden_dim
+    q, kv = args.n_heads * hd, args.n_kv_heads * hd
+    shapes = {"wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d), "w1": (d, f), "w2": (f, d), "w3": (d, f)}
+    per_layer = sum(i * o for i, o in shapes.values()) + 2 * d
+    total = args.n_layers * per_layer + args.vocab_size * d * (1 if args.tie_word_embeddings else 2) + d
+    if uses_peft(args):
+        lora = args.lora_rank * sum(sum(shapes[t]) for t in args.lora_targets if t in shapes) * args.n_layers
+        trainable = lora + args.adapter_len * d * args.adapter_layers + (4 * d + 2 * f) * args.n_layers
+    else:
+        trainable = total
+    saved = trainable if quant or cfg.only_save_trainable else total
+    return 4 * saved + 8 * trainable
+
+
+def interrupted(trainer: Trainer, argv: list[str]) -> str:
+    """What a Ctrl-C during training prints: where it stopped, the checkpoint to continue from and the command."""
+    where = f"interrupted at iteration {trainer.iteration} of {trainer.total_iters}"
+    last = trainer.last_checkpoint
+    if last is None:
+        return (
+            f"{where}; no checkpoint was saved, so there is nothing to resume from (--save_iteration_interval N "
+            "saves every N steps)"
+        )
+    drop = {i + 1 for i, a in enumerate(argv) if a == "--resume"}  # the old --resume and its value
+    kept = [a for i, a in enumerate(argv) if i not in drop and a != "--resume" and not a.startswith("--resume=")]
+    launcher = "torchrun ... " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "python "
+    command = launcher + shlex.join(["main_finetune.py", *kept, "--resume", str(last)])
+    return f"{where}; the last checkpoint is {last}; continue with:\n  {command}"
 
 
 def check_export(opts: argparse.Namespace, info: DistInfo) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,14 @@ class ModelArgs:
             self.n_kv_heads = self.n_heads
         if isinstance(self.lora_targets, list):
             self.lora_targets = tuple(self.lora_targets)
-        problems = []
+        # types and ranges first: a 0 or a string below would surface as a ZeroDivisionError or TypeError
+        numbers_given = {name: getattr(self, name) for name in (*_MINIMUM, *_POSITIVE, "vocab_size", "lora_alpha")}
+        for name, value in numbers_given.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise TypeError(f"ModelArgs: {name}={value!r} is not a valid value: expected a number")
+        problems = _range_problems(self)
+        if problems:
+            raise ValueError("invalid ModelArgs: " + "; ".join(problems))
         if self.head_size is None and self.dim % self.n_heads:
             problems.append(f"dim={self.dim} is not divisible by n_heads={self.n_heads} (or give head_size)")
         if self.n_heads % self.n_kv_heads:
@@ -109,7 +117,10 @@ class ModelArgs:
         _check_types(values, source)
         merged = base.to_dict() if base is not None else {}
         merged.update(values)
-        return cls(**merged)
+        try:
+            return cls(**merged)
+        except ValueError as e:  # name the file whose values make the config invalid
+            raise ValueError(f"{source}: {e}") from None
 
     @classmethod
     def from_json(cls, *paths: str | Path, **overrides: Any) -> ModelArgs:
@@ -161,6 +172,56 @@ def _check_types(values: dict[str, Any], source: str) -> None:
             ok = all(isinstance(v, item) and not isinstance(v, bool) for v in value)
         if not ok:
             raise TypeError(f"{source}: {f.name}={value!r} is not a valid value: expected {f.type}")
+
+
+# Integer fields and their smallest valid value (vocab_size -1 is Meta's "from the tokenizer", checked apart).
+_MINIMUM: dict[str, int] = {
+    "dim": 1,
+    "n_layers": 1,
+    "n_heads": 1,
+    "n_kv_heads": 1,
+    "multiple_of": 1,
+    "ffn_hidden_dim": 1,
+    "head_size": 1,
+    "max_seq_len": 1,
+    "max_batch_size": 1,
+    "lora_rank": 0,
+    "adapter_len": 0,
+    "adapter_layers": 0,
+}
+
+
+_POSITIVE = ("norm_eps", "rope_theta", "ffn_dim_multiplier")  # finite and > 0 where given
+
+
+def _range_problems(a: ModelArgs) -> list[str]:
+    """Values of the right type that no model can have (n_heads 0, lora_rank -3, a NaN epsilon), each named."""
+    problems = [
+        f"{name}={getattr(a, name)} must be >= {low}"
+        for name, low in _MINIMUM.items()
+        if getattr(a, name) is not None and getattr(a, name) < low
+    ]
+    if a.vocab_size != -1 and a.vocab_size < 1:
+        problems.append(f"vocab_size={a.vocab_size} must be >= 1 (or -1: from the tokenizer/checkpoint)")
+    if a.adapter_layers > a.n_layers:
+        problems.append(f"adapter_layers={a.adapter_layers} exceeds n_layers={a.n_layers}")
+    for name in _POSITIVE:
+        value = getattr(a, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            problems.append(f"{name}={value} must be a finite number > 0")
+    if not math.isfinite(a.lora_alpha):
+        problems.append(f"lora_alpha={a.lora_alpha} must be finite")
+    if not 0 <= a.lora_dropout < 1:
+        problems.append(f"lora_dropout={a.lora_dropout} must be in [0, 1)")
+    # Offline by construction: a hub id or URL would make open_clip/timm download at build time.
+    for name in ("visual_backbone", "visual_weights"):
+        value = getattr(a, name) or ""
+        if any(marker in value for marker in ("hf-hub:", "hf_hub:", "://")):
+            problems.append(
+                f"{name}={value!r}: hub ids ('hf-hub:') and URLs are refused because nothing may be downloaded; "
+                "use a built-in architecture name and a local visual_weights file (scripts/convert_visual_weights.py)"
+            )
+    return problems
 
 
 # RoPE scalings implemented by model/layers/rope.py: the keys each type requires (nothing else is accepted).

@@ -100,8 +100,8 @@ def load_data_config(path: str | Path) -> list[DataSource]:
         if entry.get("type") not in DATA_TYPES:
             raise DataError(f"{where}: type {entry.get('type')!r} is not one of {list(DATA_TYPES)}")
         ratio = entry.get("ratio", 1.0)
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
-            raise DataError(f"{where}: ratio must be a number > 0, got {ratio!r}")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (ratio > 0 and math.isfinite(ratio)):
+            raise DataError(f"{where}: ratio must be a number > 0 and finite, got {ratio!r}")
         pixels = entry.get("max_image_pixels")
         if pixels is not None and (entry["type"] != "image_conversation" or isinstance(pixels, bool)
                                    or not isinstance(pixels, int) or pixels <= 0):  # fmt: skip

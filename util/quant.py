@@ -65,6 +65,41 @@ NESTED_BLOCKSIZE = 256
 CHUNK_ELEMENTS = 1 << 22
 
 
+class NonFiniteWeight(ValueError):
+    """A weight to quantize holds NaN/Inf (or overflows the model's dtype): packed, it would pass unnoticed, as
+    codes whose scale is NaN. The caller adds which tensor and file."""
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in a floating tensor. min and max instead of isfinite(): no bool temporary of the tensor's size
+    (a NaN propagates into both, an Inf is one of them), and several times faster on CPU."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    try:
+        low, high = torch.aminmax(t.detach().reshape(-1))
+        return math.isfinite(float(low)) and math.isfinite(float(high))
+    except (RuntimeError, NotImplementedError):  # a dtype/device without aminmax
+        return bool(torch.isfinite(t).all())
+
+
+def _require_finite(chunk: torch.Tensor, lo: int, hi: int) -> None:
+    if not all_finite(chunk):
+        raise NonFiniteWeight(f"rows {lo}-{hi - 1} hold NaN or Inf")
+
+
+def _require_finite_scales(scales: torch.Tensor, dtype: torch.dtype) -> None:
+    # A block's scale is its largest |value| as rounded to the model's dtype: NaN or Inf in the input, or a value
+    # beyond that dtype's range (an fp32 1e6 is Inf in fp16; int8 goes through fp16), make it NaN/Inf. On CPU that
+    # is the whole check (util.fast_quant's and bitsandbytes' CPU max propagate NaN, tests/test_faults.py holds it
+    # to that; checking every input chunk too doubled the quantization time). Elsewhere each chunk on the device
+    # is checked before bitsandbytes' kernels see it, as a GPU max may drop a NaN (fmaxf).
+    if not all_finite(scales):
+        raise NonFiniteWeight(
+            f"its quantization scales are NaN/Inf: the weight holds NaN or Inf, or a value overflows {dtype} on the "
+            "way to the quantizer (then build in bf16/fp32)"
+        )
+
+
 def quant_spec(quant: str | QuantSpec) -> QuantSpec:
     if isinstance(quant, QuantSpec):
         return quant
@@ -93,7 +128,7 @@ def _fast_quant_on(device: torch.device, kind: str) -> bool:
 
 
 def quantize_4bit_chunked(
-    weight: torch.Tensor, spec: QuantSpec, *, device: torch.device, dtype: torch.dtype
+    weight: torch.Tensor, spec: QuantSpec, *, device: torch.device, dtype: torch.dtype, check_finite: bool = False
 ) -> tuple[torch.Tensor, bnbF.QuantState]:
     """bitsandbytes' quantize_4bit, bit for bit, done in row chunks.
 
@@ -102,7 +137,8 @@ def quantize_4bit_chunked(
     `weight` may be a read-only view into an mmap'd checkpoint. Its values are quantized as rounded to `dtype` (the
     model's dtype, as an eagerly built model would have held them): on CPU by util.fast_quant, which reads the chunk
     in place and rounds step by step (same bits as bitsandbytes' op, much faster); elsewhere each chunk is copied to
-    `device` in `dtype` just before bitsandbytes quantizes it.
+    `device` in `dtype` just before bitsandbytes quantizes it. check_finite: NonFiniteWeight for NaN/Inf; off, this
+    is bitsandbytes' op exactly, specials included (see _require_finite_scales for what is checked where).
     """
     rows, cols = weight.shape
     n = rows * cols
@@ -120,11 +156,15 @@ def quantize_4bit_chunked(
             quantize_4bit_blocks(chunk, bs, spec.quant_type, via=(dtype,), out=p_out, absmax_out=a_out)
         else:
             chunk = weight[lo:hi].to(device=device, dtype=dtype)
+            if check_finite:
+                _require_finite(chunk, lo, hi)
             out, amax = torch.ops.bitsandbytes.quantize_4bit.default(chunk, bs, spec.quant_type, torch.uint8)
             p_out.copy_(out)
             a_out.copy_(amax)
             del out, amax
         del chunk
+    if check_finite:
+        _require_finite_scales(absmax, dtype)
     code = bnbF.get_4bit_type(spec.quant_type, device=device)
     nested = {}
     if spec.compress_statistics:  # double quantization of the absmax, as bitsandbytes does it
@@ -144,7 +184,7 @@ def quantize_4bit_chunked(
 
 
 def quantize_8bit_chunked(
-    weight: torch.Tensor, *, device: torch.device, dtype: torch.dtype | None = None
+    weight: torch.Tensor, *, device: torch.device, dtype: torch.dtype | None = None, check_finite: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """bitsandbytes' row-wise int8 quantization (as Int8Params does: via fp16), in row chunks.
 
@@ -161,8 +201,12 @@ def quantize_8bit_chunked(
             int8_rowwise(chunk, via=(dtype or weight.dtype, torch.float16), out=(cb[lo:hi], scb[lo:hi]))
         else:
             chunk = weight[lo:hi].to(device=device, dtype=dtype or weight.dtype).to(torch.float16)
+            if check_finite:
+                _require_finite(chunk, lo, hi)
             cb[lo:hi], scb[lo:hi], _ = bnbF.int8_vectorwise_quant(chunk)
         del chunk
+    if check_finite:
+        _require_finite_scales(scb, torch.float16)
     return cb, scb
 
 
@@ -234,10 +278,12 @@ class QuantLinear(nn.Module):
         expected = self.local_shape
         if tuple(weight.shape) != expected:
             raise ValueError(f"{type(self).__name__}: weight of shape {tuple(weight.shape)}, expected {expected}")
+        # NaN/Inf refused (NonFiniteWeight): packed, they would pass as codes with a NaN scale
+        kw = dict(device=device, dtype=self.weight_dtype, check_finite=True)
         if self.spec.bits == 4:
-            self._install_4bit(*quantize_4bit_chunked(weight, self.spec, device=device, dtype=self.weight_dtype))
+            self._install_4bit(*quantize_4bit_chunked(weight, self.spec, **kw))
         else:
-            self._install_8bit(*quantize_8bit_chunked(weight, device=device, dtype=self.weight_dtype))
+            self._install_8bit(*quantize_8bit_chunked(weight, **kw))
 
     def _install_4bit(self, packed: torch.Tensor, state: bnbF.QuantState) -> None:
         self.weight = Params4bit(

@@ -35,12 +35,17 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
+import pickle
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,11 +60,13 @@ from tqdm import tqdm
 
 from model.args import ModelArgs
 from util import memory
+from util import output_dir as out_lock
 from util.checkpoint import model_state, save_checkpoint
 from util.checkpoint.files import publish_dir
 from util.data import IGNORE_INDEX, InstructionDataset, ResumableDistributedSampler, make_loader
 from util.dist import barrier, dp_group, mp_group, position
 from util.lr_sched import Schedule, set_lr
+from util.quant import all_finite
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +77,11 @@ TRAIN_STATE = "train_state.pt"
 # written and before it is published, so a test can kill the process mid-save.
 SAVE_PAUSE_ENV = "LAZYLLAMA_SAVE_PAUSE"
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the gradients stopped being finite (too high a learning rate, bad data): the run stops with the
+    step named, and no non-finite checkpoint is published. A ValueError, so the entry scripts print one line."""
 
 
 @dataclass
@@ -98,6 +110,7 @@ class TrainConfig:
     num_workers: int = 0
     log_interval: int = 1  # JSON-lines / TensorBoard every N optimizer steps
     tensorboard: bool = True
+    max_bad_steps: int = 5  # stop after N optimizer steps in a row with a non-finite loss or grad norm (0: never)
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
@@ -112,6 +125,8 @@ class TrainConfig:
             problems.append(f"epochs={self.epochs}: train at least one epoch, or give max_iters")
         if self.max_iters is not None and self.max_iters < 1:
             problems.append(f"max_iters={self.max_iters} must be >= 1")
+        if self.max_bad_steps < 0:
+            problems.append(f"max_bad_steps={self.max_bad_steps} must be >= 0 (0: never stop)")
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
 
@@ -386,7 +401,54 @@ def _save_pt(obj: Any, path: Path) -> None:
 def _load_pt(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete or from another world size")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only=True refused an object; torch's own advice (weights_only=False) would run its code
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"{path}: refused, it holds objects other than tensors and plain values ({first[:200]}); it was not "
+            "written by this trainer and is never loaded with code execution. Resume from a checkpoint this "
+            "project wrote"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:  # a torn or truncated zip archive
+        raise ValueError(
+            f"{path}: truncated or corrupt ({' '.join(str(e).split())[:200]}); resume from an earlier checkpoint "
+            "(checkpoints are published complete, so this file was damaged afterwards)"
+        ) from None
+
+
+_PENDING_INTERRUPT: list[int] = []  # a Ctrl-C held by _interrupt_after (the save pause test hook ends on it)
+
+
+@contextlib.contextmanager
+def _interrupt_after(what: str):
+    """A Ctrl-C (SIGINT) inside the block is held until the block ends, then raised: a save is finished rather
+    than torn (torch.save interrupted midway also reports a misleading 'unexpected pos'). A second Ctrl-C aborts
+    at once; the temp directory is then left for the next save to clean up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = _PENDING_INTERRUPT
+    pending.clear()
+
+    def hold(signum, frame):
+        if pending:
+            raise KeyboardInterrupt
+        pending.append(signum)
+        print(f"\ninterrupted: finishing {what} first (Ctrl-C again to abort it)", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    except RuntimeError as e:  # torch.save's zip writer, torn by the second Ctrl-C, hides the interrupt
+        if isinstance(e.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if pending:
+        raise KeyboardInterrupt
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -403,13 +465,13 @@ def resolve_resume(resume: str | Path, output_dir: Path) -> Path:
         found = list_checkpoints(output_dir)
         if not found:
             raise FileNotFoundError(f"--resume latest: no {CHECKPOINT_PREFIX}* directory in {output_dir}")
-        return found[-1]
-    path = Path(resume)
+    path = found[-1] if str(resume) == "latest" else Path(resume)
     if not (path / TRAIN_STATE).is_file():
         raise FileNotFoundError(
             f"--resume {path}: not a training checkpoint (no {TRAIN_STATE}); pass a {CHECKPOINT_PREFIX}NNNNNNN "
             "directory written by main_finetune.py, or 'latest'"
         )
+    _load_pt(path / TRAIN_STATE)  # small: a damaged or foreign file is reported before the model is built
     return path
 
 
@@ -493,6 +555,7 @@ class StepResult:
     grad_norm: float  # before clipping
     tokens: int  # tokens processed (padding included) by the whole data-parallel group
     empty_examples: int  # examples on this rank with no labelled target left after the cut to max_words
+    skipped: bool = False  # the loss or grad norm was not finite: no update was made (the divergence guard)
 
 
 class Trainer:
@@ -512,6 +575,9 @@ class Trainer:
         self.args, self.cfg, self.device = args, cfg, torch.device(device)
         self.base_checkpoints = [str(p) for p in base_checkpoints]
         self.pos, self.dp, self.mp = position(), dp_group(), mp_group()
+        if self.pos.is_main:  # one run per output directory, for as long as this trainer lives
+            out_lock.acquire(cfg.output_dir)
+            weakref.finalize(self, out_lock.release, cfg.output_dir)
         self.fsdp = cfg.data_parallel == "fsdp"
         # a quantized base stays in its own checkpoint: saves hold the trainable tensors only
         self.only_save_trainable = cfg.only_save_trainable or is_quantized(model)
@@ -529,6 +595,7 @@ class Trainer:
         self.epoch, self.step_in_epoch = 0, 0  # the data's position
         self.losses: list[float] = []
         self._last_saved: int | None = None
+        self.bad_steps = 0  # steps in a row the divergence guard skipped
         self.empty_examples = 0  # examples whose response was cut away by max_words (reported per epoch)
         seed_everything(cfg.seed + self.pos.data_parallel_rank)  # dropout: equal across a model-parallel group
 
@@ -561,12 +628,13 @@ class Trainer:
         step_targets = int(sum(int(t.sum()) for t in per_example))
         loss = self._accumulate_gradients(micro_batches, step_targets)
         lr = self.schedule(self.iteration)
-        grad_norm = self._clip_and_update(lr)
-        self.iteration += 1
         tokens = sum(batch[0].numel() for batch in micro_batches)
+        # averaged over the data-parallel ranks before the update: every rank takes the same skip decision
         mean_loss, all_tokens = self._mean_loss_and_total_tokens(loss, tokens)
+        grad_norm, updated = self._clip_and_update(lr, loss_finite=math.isfinite(mean_loss))
+        self.iteration += 1
         empty = sum(int((t == 0).sum()) for t in per_example)
-        return StepResult(mean_loss, lr, grad_norm, int(all_tokens), empty)
+        return StepResult(mean_loss, lr, grad_norm, int(all_tokens), empty, skipped=not updated)
 
     def _micro_batch_loss(self, batch: tuple[torch.Tensor, ...], step_targets: int) -> torch.Tensor:
         tokens, labels, *images = (t.to(self.device, non_blocking=True) for t in batch)
@@ -587,21 +655,25 @@ class Trainer:
             total += loss.detach().double()
         return total
 
-    def _clip_and_update(self, lr: float) -> float:
+    def _clip_and_update(self, lr: float, *, loss_finite: bool = True) -> tuple[float, bool]:
         """Unscale (fp16), clip the global grad norm, AdamW at `lr`, zero the gradients. Returns the norm before
-        clipping."""
+        clipping and whether the update was made: a non-finite loss or grad norm skips it (the divergence guard),
+        so NaN never reaches the weights or AdamW's moments. The norm is global (reduced over the model-parallel
+        and FSDP groups, gradients already synchronized across data parallel): every rank decides alike."""
         set_lr(self.optimizer, lr)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         dp_sharded = self.dp if self.fsdp else None
         norm = clip_grad_norm_(self.params, self.cfg.clip_grad, mp=self.mp, dp_sharded=dp_sharded, device=self.device)
+        updated = loss_finite and math.isfinite(norm)
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            if loss_finite:  # the scaler skips a step whose gradients overflowed by itself, and lowers its scale
+                self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
+        elif updated:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return norm, updated
 
     def _mean_loss_and_total_tokens(self, loss: torch.Tensor, tokens: int) -> tuple[float, float]:
         """The loss averaged over the data-parallel ranks (as their gradients are), the tokens summed."""
@@ -661,18 +733,70 @@ class Trainer:
             self.sampler.advance(cfg.examples_per_step)
             result = self.train_step(micro_batches)
             self.step_in_epoch += 1
+            self._count_bad_step(result)
             self.losses.append(result.loss)
             self.empty_examples += result.empty_examples
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self._report(result, time.perf_counter() - t0, logger, bar)
             if cfg.save_iteration_interval and self.iteration % cfg.save_iteration_interval == 0:
-                self.save_checkpoint()
+                self._save_unless_diverging()
         self._warn_empty_examples()
         epoch_done = self.step_in_epoch >= self.steps_per_epoch
         epoch_save = epoch_done and cfg.save_interval and (self.epoch + 1) % cfg.save_interval == 0
         if epoch_save and self._last_saved != self.iteration:
-            self.save_checkpoint()
+            self._save_unless_diverging()
+
+    def _save_unless_diverging(self) -> None:
+        """A checkpoint, unless the last step was skipped as non-finite: its weights are finite but are the ones that
+        just gave NaN, and saving them could rotate the last good checkpoint out (--keep_last)."""
+        if self.bad_steps:
+            if self.pos.is_main:
+                log.warning(
+                    "iteration %d: checkpoint not written (the last step's loss or grad norm was not finite); %s",
+                    self.iteration,
+                    self._last_good(),
+                )
+            return
+        self.save_checkpoint()
+
+    def _count_bad_step(self, result: StepResult) -> None:
+        """The divergence guard: a step with a non-finite loss or grad norm made no update; max_bad_steps of them in
+        a row stop the run. An fp16 step whose gradients overflowed while the loss was finite is the GradScaler's
+        own skip (it lowers the scale and tries again), not a bad step."""
+        overflow = self.scaler is not None and math.isfinite(result.loss)
+        if not result.skipped or overflow:
+            self.bad_steps = 0
+            return
+        self.bad_steps += 1
+        limit = self.cfg.max_bad_steps
+        if self.pos.is_main:
+            log.warning(
+                "iteration %d: loss %s, grad norm %s: update skipped (%d in a row%s)",
+                self.iteration,
+                result.loss,
+                result.grad_norm,
+                self.bad_steps,
+                f", the run stops at {limit}" if limit else "",
+            )
+        if limit and self.bad_steps >= limit:
+            first = self.iteration - self.bad_steps + 1
+            raise TrainingDiverged(
+                f"training diverged: iterations {first}-{self.iteration} all had a non-finite loss or gradient norm "
+                f"(last: loss {result.loss}, grad norm {result.grad_norm}), so the run stopped at iteration "
+                f"{self.iteration} (--max_bad_steps {limit}). {self._last_good()}; lower --lr (now {self.cfg.lr}) "
+                "or check the data, then resume from it or start again"
+            )
+
+    def _last_good(self) -> str:
+        last = self.last_checkpoint
+        return f"The last checkpoint, {last}, is intact" if last is not None else "No checkpoint was written"
+
+    @property
+    def last_checkpoint(self) -> Path | None:
+        """The newest published checkpoint in output_dir (this run's or an earlier one's), or None."""
+        found = list_checkpoints(self.cfg.output_dir)
+        return found[-1] if found else None
 
     def _report(self, result: StepResult, seconds: float, logger: _Logger, bar: tqdm) -> None:
         tokens_per_s = result.tokens / seconds
@@ -685,6 +809,8 @@ class Trainer:
         if self.iteration % self.cfg.log_interval == 0 or self.iteration == self.total_iters:
             entry = {"iteration": self.iteration, "epoch": self.epoch, "loss": result.loss, "lr": result.lr}
             entry |= {"grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s, "peak_memory_bytes": peak}
+            if result.skipped:
+                entry["skipped"] = True
             logger.write({**entry, "time": time.time()})
 
     def _warn_empty_examples(self) -> None:
@@ -699,14 +825,20 @@ class Trainer:
 
     # --- checkpoints and resume -----------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """All ranks: write checkpoint-NNNNNNN atomically (temp dir, then one rename by rank 0)."""
+        """All ranks: write checkpoint-NNNNNNN atomically (temp dir, then one rename by rank 0). Refused (the last
+        good checkpoint stays, none rotates out) if a tensor to save is not finite. A Ctrl-C during the save lets it
+        finish first, then stops the run with it as the checkpoint to resume from."""
+        self._refuse_non_finite(f"checkpoint-{self.iteration:07d}")
+        with _interrupt_after("the checkpoint save"):
+            return self._save_checkpoint()
+
+    def _save_checkpoint(self) -> Path:
         out_dir = self.cfg.output_dir
         final = out_dir / f"{CHECKPOINT_PREFIX}{self.iteration:07d}"
         tmp = out_dir / f".tmp-{final.name}"
         if self.pos.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-            for stale in out_dir.glob(".tmp-*"):  # interrupted earlier saves
-                shutil.rmtree(stale, ignore_errors=True)
+            self._remove_stale_temps(tmp)
             tmp.mkdir()
         barrier()
         self._write_model(tmp)
@@ -728,6 +860,27 @@ class Trainer:
         barrier()
         self._last_saved = self.iteration
         return final
+
+    def _remove_stale_temps(self, tmp: Path) -> None:
+        """Temp directories of interrupted saves. All of them only while this process holds the output directory's
+        lock (then no other run can be writing one); otherwise only the one this save is about to use."""
+        stale = self.cfg.output_dir.glob(".tmp-*") if out_lock.held(self.cfg.output_dir) else [tmp]
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _refuse_non_finite(self, what: str) -> None:
+        """All ranks: a save of NaN/Inf tensors is refused (never published, nothing rotated out); every rank
+        learns whether any rank holds one, so all stop alike."""
+        tensors, _ = model_state(self.module, trainable_only=self.only_save_trainable)
+        bad = next((k for k, v in tensors.items() if not all_finite(_local(v))), None)
+        flag = torch.tensor(float(bad is not None), device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            raise TrainingDiverged(
+                f"iteration {self.iteration}: {what} not written: {repr(bad) if bad else 'a tensor on another rank'} "
+                f"holds NaN or Inf. {self._last_good()}; lower --lr (now {self.cfg.lr}) or check the data"
+            )
 
     def _train_state(self) -> dict[str, Any]:
         """Position, losses so far, loss scale, and what a resume must match (layout, steps per epoch)."""
@@ -780,6 +933,42 @@ class Trainer:
                 f"{ckpt}: {state['steps_per_epoch']} steps per epoch when saved, {self.steps_per_epoch} now; resume "
                 "with the same data config, batch_size and accum_iter"
             )
+        done = state["iteration"]
+        if done >= self.total_iters:
+            raise ValueError(
+                f"{ckpt} is at iteration {done} and this run has {self.total_iters} optimizer steps in all "
+                "(--max_iters / --epochs): nothing is left to train; raise --max_iters to continue"
+            )
+        self._warn_schedule_change(ckpt, state)
+
+    def _warn_schedule_change(self, ckpt: Path, state: dict[str, Any]) -> None:
+        """The learning rate follows this run's schedule from the resumed iteration; say so when it is not the one
+        the checkpoint was trained with (another --max_iters, --lr, --min_lr or warmup)."""
+        saved = state.get("schedule", {})
+        saved_total = state.get("total_iters", self.total_iters)
+        now = {"lr": self.cfg.lr, "min_lr": self.cfg.min_lr, "warmup_iters": self.schedule.warmup_iters}
+        changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
+        if saved_total != self.total_iters:
+            changed["total optimizer steps"] = (saved_total, self.total_iters)
+        if not changed or not self.pos.is_main:
+            return
+        it = state["iteration"]
+        before = Schedule(
+            saved.get("lr", self.cfg.lr),
+            saved.get("min_lr", self.cfg.min_lr),
+            warmup_iters=saved.get("warmup_iters", self.schedule.warmup_iters),
+            total_iters=saved_total,
+        )(it)
+        what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+        log.warning(
+            "resuming %s with another learning-rate schedule (%s): from iteration %d the lr follows the new one, "
+            "%.3g now instead of %.3g; resume with the original values to continue the same run",
+            ckpt,
+            what,
+            it,
+            self.schedule(it),
+            before,
+        )
 
     def _optimizer_file(self) -> str:
         # DDP: the optimizer state is the same on every data-parallel rank; FSDP: each rank has its shard
@@ -827,12 +1016,19 @@ class Trainer:
         iteration, seconds = spec.split(":")
         if int(iteration) == self.iteration:
             print(f"pausing {seconds} s mid-save of {tmp} ({SAVE_PAUSE_ENV})", flush=True)
-            time.sleep(float(seconds))
+            end = time.monotonic() + float(seconds)
+            while time.monotonic() < end and not _PENDING_INTERRUPT:  # a Ctrl-C ends the pause, the save goes on
+                time.sleep(0.05)
 
     def save_final(self, out: str | Path, tokenizer_path: str | Path | None = None) -> Path:
         """All ranks: the trained model (trainable-only or full, with the full config in params.json, so
         build_model(None, [*base_checkpoints, out]) rebuilds it) and the tokenizer next to it; atomic."""
         out = Path(out)
+        self._refuse_non_finite(str(out))
+        with _interrupt_after(f"writing {out}"):
+            return self._save_final(out, tokenizer_path)
+
+    def _save_final(self, out: Path, tokenizer_path: str | Path | None) -> Path:
         tmp = out.with_name(f".tmp-{out.name}")
         if self.pos.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
