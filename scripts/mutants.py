@@ -66,8 +66,8 @@ MUTANTS = [
     Mutant(
         "clipping skipped in the step (the norm still measured)",
         "util/train.py",
-        "norm = clip_grad_norm_(self.params, self.cfg.clip_grad, mp=self.mp, dp_sharded=dp_sharded)",
-        "norm = clip_grad_norm_(self.params, 0.0, mp=self.mp, dp_sharded=dp_sharded)",
+        "norm = clip_grad_norm_(self.params, self.cfg.clip_grad, mp=self.mp, dp_sharded=dp_sharded, device=",
+        "norm = clip_grad_norm_(self.params, 0.0, mp=self.mp, dp_sharded=dp_sharded, device=",
         (TRAIN_REF, "-k", "adamw"),
     ),
     Mutant(
@@ -258,9 +258,9 @@ MUTANTS = [
     ),
     Mutant(
         "finiteness: only the minimum looked at (+Inf passes)",
-        "util/lazy_init.py",
-        "            finite = math.isfinite(float(ends.min)) and math.isfinite(float(ends.max))",
-        "            finite = math.isfinite(float(ends.min))",
+        "util/quant.py",
+        "        return math.isfinite(float(low)) and math.isfinite(float(high))",
+        "        return math.isfinite(float(low))",
         ("tests/util/test_lazy_init_finite.py",),
     ),
     Mutant(
