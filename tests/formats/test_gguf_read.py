@@ -46,8 +46,10 @@ def test_f16_round_trip_gives_the_sources_logits(base, export):
             assert torch.equal(value, base[1][key].half().float() if value.dim() == 2 else base[1][key]), key
 
 
-def test_q8_0_loads_exactly_what_gguf_dequantizes(base, export):
-    out = export("gguf-base-q8", [base[2]], to="gguf", quant="q8_0", dtype="float32")
+@pytest.mark.parametrize("quant, tol", [("q8_0", 2e-2), ("q4_0", 0.2), ("bf16", 5e-3)])
+def test_quantized_files_load_exactly_what_gguf_dequantizes(base, export, quant, tol):
+    name = "gguf-base-q8" if quant == "q8_0" else f"gguf-base-{quant}"
+    out = export(name, [base[2]], to="gguf", quant=quant, dtype="float32")
     reader = gguf.GGUFReader(out / "model.gguf")
     model, _ = build_model(None, [out / "model.gguf"], dtype=torch.float32)
     state = model_state(model)[0]
@@ -59,7 +61,7 @@ def test_q8_0_loads_exactly_what_gguf_dequantizes(base, export):
         seen += 1
     assert seen == len([k for k in state if k != "rope.freqs"])
     got, want = _logits(out / "model.gguf"), our_logits([base[2]])
-    assert (got - want).abs().max() < 5e-2 * want.abs().max()
+    assert (got - want).abs().max() < tol * want.abs().max()
 
 
 def test_tied_embeddings_and_llama3_scaling_come_back(tmp_path, tokenizer_path):

@@ -426,6 +426,11 @@ def tokenizer_export(path: str | Path) -> TokenizerExport:
     """The export view of a tokenizer file, or of a directory holding tokenizer.json or tokenizer.model."""
     from util.tokenizer import find_tokenizer
 
+    path = Path(path)
+    if path.is_dir() and (path / "tokenizer.model").is_file():
+        # a directory with both (a Hugging Face export of a sentencepiece or tiktoken model): tokenizer.model is
+        # the source, and GGUF stores a sentencepiece vocabulary as such, not as byte-level BPE
+        path = path / "tokenizer.model"
     p, kind = find_tokenizer(path)
     if kind == "tokenizer.json":
         return HFJsonExport(p)
