@@ -118,3 +118,11 @@ def test_a_missing_key_and_another_architecture_are_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"qwen\.gguf: general\.architecture is 'qwen2'"):
         open_checkpoint(_tiny_gguf(tmp_path / "qwen.gguf", arch="qwen2"))
     assert open_checkpoint(_tiny_gguf(tmp_path / "ok.gguf")).config["dim"] == 8
+
+
+def test_a_directory_must_hold_exactly_one_gguf(tmp_path):
+    _tiny_gguf(tmp_path / "a.gguf")
+    assert open_checkpoint(tmp_path).config["n_layers"] == 1
+    _tiny_gguf(tmp_path / "b.gguf")
+    with pytest.raises(CheckpointError, match=r"exactly one \(found \['a\.gguf', 'b\.gguf'\]\)"):
+        open_checkpoint(tmp_path)

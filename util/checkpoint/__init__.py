@@ -81,6 +81,7 @@ def open_checkpoint(path: str | Path, *, format: str = "auto") -> CheckpointRead
     - a .pth/.pt file: Meta with one shard;
     - a .safetensors file: lazyllama if its metadata says so (one rank only), else as a HF directory of one
       file.
+    - a .gguf file, or a directory holding one: llama.cpp's GGUF (llama architecture, dequantized on reading).
     `format` (a name in `FORMATS`: "lazyllama" | "meta" | "hf") skips detection.
     """
     names = ("auto", *FORMATS)

@@ -218,8 +218,8 @@ def _gguf_file(path: Path) -> Path | None:
 
 
 def detect(path: Path) -> bool:
-    """A .gguf file, or a directory holding exactly one."""
-    return _gguf_file(path) is not None
+    """A .gguf file, or a directory holding some (opening it says so unless it is exactly one)."""
+    return path.suffix == ".gguf" if path.is_file() else any(path.glob("*.gguf"))
 
 
 def open_gguf(path: Path) -> GGUFCheckpoint:
