@@ -15,7 +15,7 @@ The package, bottom up (each module imports only those above it in this list):
 - reader.py: the shared reader (pieces, slicing, resharding, read_into, release) and the format record.
 - lazyllama.py, meta.py, hf.py: one module per format: its reader, its writer, its detection.
 - accessory.py (LLaMA2-Accessory), peft.py (peft LoRA adapters), hf_bnb.py (Hugging Face bitsandbytes 4/8-bit saves,
-  read as pre-quantized checkpoints): readers only.
+  read as pre-quantized checkpoints), gguf.py (llama.cpp GGUF files, dequantized): readers only.
 - modules.py: walking nn.Modules to save them (save_model, save_quantized, export_meta).
 - here: `open_checkpoint` and the registry of formats. Adding a format is one module and one line in
   `FORMATS`.
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from util.checkpoint import accessory, hf, hf_bnb, lazyllama, meta, peft
+from util.checkpoint import accessory, gguf, hf, hf_bnb, lazyllama, meta, peft
 from util.checkpoint.errors import CheckpointError
 from util.checkpoint.hf import hf_config_to_params, write_hf_checkpoint
 from util.checkpoint.lazyllama import save_checkpoint
@@ -65,6 +65,7 @@ FORMATS: dict[str, CheckpointFormat] = {
         peft.FORMAT,
         hf_bnb.FORMAT,
         hf.FORMAT,
+        gguf.FORMAT,
     )
 }
 
@@ -80,6 +81,7 @@ def open_checkpoint(path: str | Path, *, format: str = "auto") -> CheckpointRead
     - a .pth/.pt file: Meta with one shard;
     - a .safetensors file: lazyllama if its metadata says so (one rank only), else as a HF directory of one
       file.
+    - a .gguf file, or a directory holding one: llama.cpp's GGUF (llama architecture, dequantized on reading).
     `format` (a name in `FORMATS`: "lazyllama" | "meta" | "hf") skips detection.
     """
     names = ("auto", *FORMATS)

@@ -48,8 +48,9 @@ def _find_tokenizer(sources: Sequence[str | Path], given: str | Path | None) -> 
     for src in sources:  # the checkpoints' own, as main_finetune.py saves it beside final/
         p = Path(src)
         p = p if p.is_dir() else p.parent
-        if (p / "tokenizer.model").is_file():
-            return tokenizer_export(p / "tokenizer.model")
+        for name in ("tokenizer.model", "tokenizer.json"):  # tokenizer.model is the source when both are there
+            if (p / name).is_file():
+                return tokenizer_export(p / name)
     return None
 
 

@@ -164,6 +164,8 @@ def write_gguf(
             w.add_rope_scaling_factor(float(scaling["factor"]))
         # tokenizer
         w.add_tokenizer_model(vocab.model)
+        if vocab.pre:
+            w.add_tokenizer_pre(vocab.pre)
         w.add_token_list(vocab.tokens)
         w.add_token_scores(vocab.scores)
         w.add_token_types(vocab.token_types)

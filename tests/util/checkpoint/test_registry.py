@@ -33,7 +33,7 @@ def test_unknown_layout(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="unknown checkpoint file type"):
         open_checkpoint(tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="format="):
-        open_checkpoint(tmp_path, format="gguf")
+        open_checkpoint(tmp_path, format="onnx")
 
 
 def test_unknown_layout_message_is_unchanged(tmp_path: Path) -> None:
@@ -46,7 +46,8 @@ def test_unknown_layout_message_is_unchanged(tmp_path: Path) -> None:
         "consolidated.NN-of-MM.model.pth + config.json (LLaMA2-Accessory), consolidated.NN.pth + params.json (Meta), "
         "adapter_config.json + adapter_model.safetensors (peft LoRA adapter), config.json with a bitsandbytes "
         "quantization_config (Hugging Face 4/8-bit save), *.safetensors + config.json (Hugging Face; "
-        "pytorch_model*.bin is not supported: convert to safetensors); found notes.txt, pytorch_model.bin"
+        "pytorch_model*.bin is not supported: convert to safetensors), *.gguf (llama.cpp GGUF, llama architecture); "
+        "found notes.txt, pytorch_model.bin"
     )
 
 
@@ -90,19 +91,19 @@ class _NoReader(CheckpointReader):
 
 
 def test_a_format_is_one_registry_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "model.gguf").write_bytes(b"GGUF")
-    assert "gguf" not in FORMATS
+    (tmp_path / "model.onnx").write_bytes(b"ONNX")
+    assert "onnx" not in FORMATS
     with pytest.raises(CheckpointError, match="unknown checkpoint layout"):
         open_checkpoint(tmp_path)
     fmt = CheckpointFormat(
-        "gguf",
-        detect=lambda p: (p / "model.gguf").is_file() if p.is_dir() else p.suffix == ".gguf",
-        open=lambda p: _NoReader(p, "gguf", None),
-        looks_for="model.gguf (GGUF)",
+        "onnx",
+        detect=lambda p: (p / "model.onnx").is_file() if p.is_dir() else p.suffix == ".onnx",
+        open=lambda p: _NoReader(p, "onnx", None),
+        looks_for="model.onnx (ONNX)",
     )
-    monkeypatch.setitem(FORMATS, "gguf", fmt)
-    assert open_checkpoint(tmp_path).format == "gguf"
-    assert open_checkpoint(tmp_path / "model.gguf", format="gguf").format == "gguf"
-    (tmp_path / "model.gguf").unlink()
-    with pytest.raises(CheckpointError, match=r"model\.gguf \(GGUF\); found nothing"):
+    monkeypatch.setitem(FORMATS, "onnx", fmt)
+    assert open_checkpoint(tmp_path).format == "onnx"
+    assert open_checkpoint(tmp_path / "model.onnx", format="onnx").format == "onnx"
+    (tmp_path / "model.onnx").unlink()
+    with pytest.raises(CheckpointError, match=r"model\.onnx \(ONNX\); found nothing"):
         open_checkpoint(tmp_path)
