@@ -8,7 +8,8 @@ embeddings (no lm_head in the weights), bos/eos ids; model.safetensors (bf16, HF
 and the tokenizer (tokenizer.model + tokenizer_config.json, which transformers reads).
 
 The tokenizer is a sentencepiece model trained here on the bundled data (no normalization, byte fallback, like
-Meta's Llama 2 tokenizer): Llama 3's own tiktoken tokenizer cannot be made up locally and is not exported yet.
+Meta's Llama 2 tokenizer). Llama 3's own tiktoken tokenizer.model and tokenizer.json directories are read and
+exported as well (util/tokenizer/, util/export/tokenizer.py; tests/formats/test_export_tokenizers.py).
 """
 
 from __future__ import annotations
