@@ -3,6 +3,7 @@
     python bench/generate_speed.py                          # 1.1B shape, bf16 and 4-bit, 32-token prompt, 64 new
     python bench/generate_speed.py --shape tiny             # smoke test (~30 s, mostly imports)
     python bench/generate_speed.py --quants 4bit --new-tokens 32 --repeat 2
+    python bench/generate_speed.py --quants 4bit --workloads random,quote --draft-tokens 6
 
 1. Random weights: bench/harness.py's synthetic bf16 checkpoint of the shape (random normal std 0.02, Hugging Face
    format), written once and shared with the other benches (/tmp/lazyllama-bench/<shape>).
@@ -37,6 +38,17 @@ def _prompt(vocab_size: int, n: int) -> list[int]:
     return torch.randint(3, vocab_size, (n,), generator=torch.Generator().manual_seed(1)).tolist()
 
 
+def _workload_prompt(vocab_size: int, opts) -> list[int]:
+    """random: --prompt-tokens random ids. quote: the random prompt, our plain greedy answer to it (--answer, from
+    the parent), then the random prompt again - a context whose continuation repeats text already in it, as a chat
+    answer quoting its prompt does (random weights cannot be asked to summarize; they do continue the same way
+    from the same tokens, which is the property prompt lookup uses)."""
+    p = _prompt(vocab_size, opts.prompt_tokens)
+    if opts.workload == "random":
+        return p
+    return p + [int(t) for t in opts.answer.split(",")] + p
+
+
 def _timed_runs(run, opts) -> dict:
     """A short warm-up generation, then --repeat timed ones of --new-tokens tokens."""
     run(4)
@@ -65,9 +77,21 @@ def child_ours(shape: str, quant: str, ckpt: Path, opts) -> dict:
     model, _ = build_model(args, [ckpt], quant=None if quant == "none" else quant, dtype=torch.bfloat16)
     load = time.perf_counter() - t0
     prepare_for_inference(model)  # as demo.py serves: eval mode, 4-bit repacked for the AVX512-BF16 CPU kernel
-    prompt = _prompt(args.vocab_size, opts.prompt_tokens)
-    run = lambda n: generate(model, [prompt], SamplingParams(max_new_tokens=n))[0]
-    return {"load_s": load, **_timed_runs(run, opts)}
+    prompt = _workload_prompt(args.vocab_size, opts)
+    params = SamplingParams(draft_tokens=opts.draft_tokens)
+    forwards = [0]
+    real_forward = model.forward
+
+    def counted(*a, **k):  # forwards per generation: how many tokens each verify forward yielded
+        forwards[0] += 1
+        return real_forward(*a, **k)
+
+    model.forward = counted
+    run = lambda n: generate(model, [prompt], params.replace(max_new_tokens=n))[0]
+    out = _timed_runs(run, opts)
+    forwards[0] = 0
+    run(opts.new_tokens)
+    return {"load_s": load, **out, "forwards": forwards[0], "prompt_len": len(prompt)}
 
 
 def child_hf(shape: str, quant: str, ckpt: Path, opts) -> dict:
@@ -88,7 +112,7 @@ def child_hf(shape: str, quant: str, ckpt: Path, opts) -> dict:
     model = AutoModelForCausalLM.from_pretrained(str(ckpt), device_map="cpu", **kwargs)
     load = time.perf_counter() - t0
     model.eval()
-    ids = torch.tensor([_prompt(preset(shape).vocab_size, opts.prompt_tokens)])
+    ids = torch.tensor([_workload_prompt(preset(shape).vocab_size, opts)])
 
     def run(n: int) -> list[int]:
         with torch.inference_mode():
@@ -119,12 +143,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="1.1B", help="model.args preset (tiny: smoke test)")
     p.add_argument("--quants", default="none,4bit", help="comma list of none,4bit")
+    p.add_argument("--workloads", default="random,quote", help="comma list of random,quote (quote needs random)")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--draft-tokens", type=int, default=6, help="speculative (prompt lookup) drafts per forward")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--quant", default="none", help=argparse.SUPPRESS)
+    p.add_argument("--workload", default="random", help=argparse.SUPPRESS)
+    p.add_argument("--answer", default="", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     opts = p.parse_args()
     if opts.child:
@@ -133,42 +161,54 @@ def main() -> None:
             opts.child, {"ours": child_ours, "hf": child_hf}[opts.child](opts.shape, opts.quant, Path(opts.ckpt), opts)
         )
         return
+    workloads = opts.workloads.split(",")
+    if "quote" in workloads and workloads[0] != "random":
+        p.error("--workloads: quote quotes the random workload's answer, so random must come first")
 
     session = Session(f"generate-{opts.shape}", __file__, timeout=opts.timeout)
     ckpt, _ = session.synthetic_checkpoint(opts.shape)
-    child_args = cli_args(
-        shape=opts.shape, prompt_tokens=opts.prompt_tokens, new_tokens=opts.new_tokens, repeat=opts.repeat, ckpt=ckpt
-    )
+    base_args = cli_args(shape=opts.shape, prompt_tokens=opts.prompt_tokens, new_tokens=opts.new_tokens,
+                         repeat=opts.repeat, ckpt=ckpt)  # fmt: skip
+    impls = (("plain", "ours", 0), ("spec", "ours", opts.draft_tokens), ("hf", "hf", 0))
     load_before = os.getloadavg()
     results: dict[str, dict] = {}
     for quant in opts.quants.split(","):
-        for impl in ("ours", "hf"):
-            r = session.spawn(impl, child_args + cli_args(quant=quant), f"{impl}-{quant}")
-            results[f"{impl}/{quant}"] = r
-            speed = f"{opts.new_tokens / min(r['runs_s']):.2f} tokens/s" if r["status"] == "ok" else r["error"]
-            print(f"{impl:4s} {quant:5s} {speed}", flush=True)
+        answer = ""
+        for workload in workloads:
+            for name, child, draft in impls:
+                args = base_args + cli_args(quant=quant, workload=workload, draft_tokens=draft, answer=answer)
+                r = session.spawn(child, args, f"{name}-{quant}-{workload}")
+                results[f"{name}/{quant}/{workload}"] = r
+                speed = f"{opts.new_tokens / min(r['runs_s']):.2f} tokens/s" if r["status"] == "ok" else r["error"]
+                print(f"{name:5s} {quant:5s} {workload:6s} {speed} (load {os.getloadavg()[0]:.2f})", flush=True)
+            if workload == "random" and results[f"plain/{quant}/random"]["status"] == "ok":
+                answer = ",".join(str(t) for t in results[f"plain/{quant}/random"]["tokens"])
     load_after = os.getloadavg()
 
     lines = [
-        f"Greedy generation, {opts.shape} shape (random weights), batch 1, {opts.prompt_tokens}-token prompt, "
-        f"{opts.new_tokens} new tokens, best of {opts.repeat}; torch threads: {os.cpu_count()} cores; "
-        f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after.",
+        f"Greedy generation, {opts.shape} shape (random weights), batch 1, {opts.prompt_tokens}-token random prompt "
+        f"(quote: prompt + our greedy answer + prompt), {opts.new_tokens} new tokens, best of {opts.repeat}, "
+        f"speculative with up to {opts.draft_tokens} prompt-lookup drafts; {os.cpu_count()} cores; load average "
+        f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (each process alone, one after the other).",
         "",
-        "| quant | ours tokens/s | HF tokens/s | ours / HF | CPU s per token ours / HF | load s ours / HF "
-        "| same tokens | peak RSS ours / HF |",
-        "|---|---|---|---|---|---|---|---|",
+        "| quant | workload | plain tokens/s | speculative tokens/s | HF tokens/s | spec / HF | plain / HF "
+        "| spec / plain | tokens per forward | spec == plain | CPU s per token plain / spec / HF |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for quant in opts.quants.split(","):
-        pair = (results[f"ours/{quant}"], results[f"hf/{quant}"])
-        ok = all(r["status"] == "ok" for r in pair)
-        ts = [opts.new_tokens / min(r["runs_s"]) if r["status"] == "ok" else None for r in pair]
-        cell = [f"{t:.2f}" if t else r["status"] for t, r in zip(ts, pair)]
-        ratio = f"{ts[0] / ts[1]:.2f}x" if ok else "-"
-        cpu = " / ".join(f"{min(r['cpu_s']) / opts.new_tokens:.3f}" for r in pair) if ok else "-"
-        loads = " / ".join(f"{r['load_s']:.1f}" for r in pair) if ok else "-"
-        rss = " / ".join(f"{r['peak_rss'] / 2**30:.2f} GiB" for r in pair) if ok else "-"
-        same = agreement(pair[0].get("tokens"), pair[1].get("tokens"))
-        lines.append(f"| {quant} | {cell[0]} | {cell[1]} | {ratio} | {cpu} | {loads} | {same} | {rss} |")
+        for workload in workloads:
+            trio = [results.get(f"{n}/{quant}/{workload}", {"status": "missing"}) for n, _, _ in impls]
+            ts = [opts.new_tokens / min(r["runs_s"]) if r["status"] == "ok" else None for r in trio]
+            cell = [f"{t:.2f}" if t else r["status"] for t, r in zip(ts, trio)]
+            ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "-"  # noqa: E731
+            spec = trio[1]
+            per_fwd = f"{len(spec['tokens']) / max(spec['forwards'], 1):.2f}" if spec["status"] == "ok" else "-"
+            same = agreement(trio[1].get("tokens"), trio[0].get("tokens"))
+            cpu = " / ".join(f"{min(r['cpu_s']) / opts.new_tokens:.3f}" if r["status"] == "ok" else "-" for r in trio)
+            lines.append(
+                f"| {quant} | {workload} | {cell[0]} | {cell[1]} | {cell[2]} | {ratio(ts[1], ts[2])} | "
+                f"{ratio(ts[0], ts[2])} | {ratio(ts[1], ts[0])} | {per_fwd} | {same} | {cpu} |"
+            )
     table = "\n".join(lines)
     print("\n" + table)
     session.save(

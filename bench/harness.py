@@ -204,6 +204,7 @@ def shape_params(args: ModelArgs) -> dict:
         "norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta,
         "max_seq_len": args.max_seq_len,
+        **({"tie_word_embeddings": True} if args.tie_word_embeddings else {}),
     }
 
 
@@ -224,7 +225,9 @@ def tensor_shapes(args: ModelArgs) -> list[tuple[str, tuple[int, ...]]]:
             (p + "attention_norm.weight", (d,)),
             (p + "ffn_norm.weight", (d,)),
         ]
-    out += [("norm.weight", (d,)), ("output.weight", (args.vocab_size, d))]
+    out += [("norm.weight", (d,))]
+    if not args.tie_word_embeddings:  # tied (Llama 3.2 1B): the head is the embedding, saved once
+        out += [("output.weight", (args.vocab_size, d))]
     return out
 
 

@@ -3,12 +3,14 @@
     python bench/qlora_step.py                       # 1.1B shape, seq 256, batch 1, 1 warm-up + 3 timed steps
     python bench/qlora_step.py --shape tiny          # smoke test
     python bench/qlora_step.py --flows ours --steps 5 --checkpointing
+    python bench/qlora_step.py --shape llama3.2-1B --seq 1024 --flows ours,ours-plain,hf   # 128k vocabulary
 
 One fresh process per flow, same step on both sides: nf4 base with double quantization and bf16 compute, LoRA
 r16 / alpha 32 / dropout 0.05 on all seven projections (configs/lora_r16.json), fp32 adapter weights, AdamW,
 bf16 autocast, next-token loss over the whole random sequence, backward, optimizer step.
   ours  build_model(preset(shape) + LoRA r16, None, quant="4bit", dtype=bf16) (seeded random init, no
-        checkpoint), util.train's pieces: upcast_trainable_, param_groups, token_loss, clip_grad_norm_.
+        checkpoint), util.train's pieces: upcast_trainable_, param_groups, the chunked loss (util.loss),
+        clip_grad_norm_. ours-plain: the same with the loss from the full logits.
   hf    AutoModelForCausalLM.from_pretrained(<random bf16 checkpoint of the shape>, BitsAndBytesConfig(nf4, double
         quant, bf16 compute)) + peft get_peft_model(LoraConfig(r=16, alpha=32, dropout=0.05, 7 projections)).
         The checkpoint is bench/harness.py's synthetic one, /tmp/lazyllama-bench/<shape> (shared with
@@ -82,7 +84,8 @@ def child_ours(opts) -> dict:
 
     from model.args import preset
     from util.build import build_model
-    from util.train import clip_grad_norm_, enable_activation_checkpointing, param_groups, token_loss, upcast_trainable_
+    from util.loss import model_token_loss
+    from util.train import clip_grad_norm_, enable_activation_checkpointing, param_groups, upcast_trainable_
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args = preset(opts.shape, max_seq_len=max(opts.seq, 16), **LORA)
@@ -98,9 +101,8 @@ def child_ours(opts) -> dict:
     tokens = _tokens(args.vocab_size, opts.batch, opts.seq).to(device)
 
     def step() -> float:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            logits = model(tokens)
-        loss_sum, n = token_loss(logits, tokens)
+        with torch.autocast(device.type, dtype=torch.bfloat16):  # as util.train: chunked loss unless ours-plain
+            loss_sum, n = model_token_loss(model, model, tokens, tokens, chunked=opts.child == "ours")
         (loss_sum / n).backward()
         clip_grad_norm_(params, 1.0)
         opt.step()
@@ -200,15 +202,15 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--flows", default="ours,hf")
+    ap.add_argument("--flows", default="ours,hf", help="of ours, ours-plain (the loss from full logits), hf")
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--ckpt", default=None, help="HF checkpoint for the hf flow (default: the synthetic one)")
-    ap.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["ours", "ours-plain", "hf"], help=argparse.SUPPRESS)
     opts = ap.parse_args()
     if opts.child:
         quiet_bitsandbytes()
-        emit(opts.child, {"ours": child_ours, "hf": child_hf}[opts.child](opts))
+        emit(opts.child, {"ours": child_ours, "ours-plain": child_ours, "hf": child_hf}[opts.child](opts))
         return 0
     session = Session(f"qlora-step-{opts.shape}", __file__, timeout=opts.timeout)
     flows = opts.flows.split(",")

@@ -311,7 +311,21 @@ PRESETS: dict[str, ModelArgs] = {
         ffn_dim_multiplier=1.3,
         max_seq_len=4096,
     ),
+    # Llama 3.2 1B's shape (a 128k vocabulary, tied head); "llama3.2-1B-2L" is it at two layers, for measuring
+    # what the vocabulary alone costs
+    "llama3.2-1B": ModelArgs(
+        dim=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        vocab_size=128256,
+        ffn_hidden_dim=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        max_seq_len=2048,
+    ),
 }
+PRESETS["llama3.2-1B-2L"] = PRESETS["llama3.2-1B"].replace(n_layers=2)
 
 
 def preset(name: str, **overrides: Any) -> ModelArgs:

@@ -160,8 +160,14 @@ class Transformer(nn.Module):
         start_pos: int | None = None,
         prefix: torch.Tensor | None = None,
         images: torch.Tensor | None = None,
+        *,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
         """tokens [batch, seq] -> fp32 logits [batch, seq, vocab] (for the text positions).
+
+        return_hidden=True: the final-norm hidden states [batch, seq, dim] instead (in the activation dtype), for
+        callers that apply the head to only some positions (`logits(h)`): a chunked loss (util.loss), a prefill
+        that needs only the last position (util.generate).
 
         start_pos=None: training forward (causal, no cache). start_pos=int: decoding step that reads and
         extends the KV cache from that position. prefix: [batch, adapter_len, dim] added to the LLaMA-Adapter
@@ -189,7 +195,8 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             prompt = prompts[i - first_adapted] if prompts is not None and i >= first_adapted else None
             h = layer(h, self.rope, start_pos, prompt)
-        return self.logits(self.norm(h[:, n_image:])).float()
+        h = self.norm(h[:, n_image:])
+        return h if return_hidden else self.logits(h).float()
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The output head: its own weight, or the token embedding's when tied. The embedding is split along

@@ -31,6 +31,7 @@ class SamplingParams:
     top_k: int = 0  # keep the k most likely tokens (0: all)
     repetition_penalty: float = 1.0  # CTRL's: divide positive / multiply negative logits of seen tokens (1: off)
     seed: int | None = None  # sampling generator seed (None: a fresh one)
+    draft_tokens: int = 0  # speculative decoding: up to this many prompt-lookup drafts per forward (util.speculative)
 
     def __post_init__(self) -> None:
         problems = []
@@ -42,6 +43,8 @@ class SamplingParams:
             problems.append(f"top_p={self.top_p} must be in (0, 1]")
         if self.top_k < 0:
             problems.append(f"top_k={self.top_k} must be >= 0 (0 keeps all tokens)")
+        if self.draft_tokens < 0:
+            problems.append(f"draft_tokens={self.draft_tokens} must be >= 0 (0: no speculative decoding)")
         if self.repetition_penalty <= 0:
             problems.append(f"repetition_penalty={self.repetition_penalty} must be > 0 (1 is off)")
         if problems:
@@ -170,7 +173,20 @@ def decode(
         generator = make_generator(params.seed, device)
 
     model.setup_cache(batch, total + offset)
-    logits = model(tokens[:, :shortest], start_pos=0, prefix=prefix, images=images)[:, -1]
+    # the prefill needs only its last position's logits: the head runs on one row, not the whole prompt
+    hidden = model(tokens[:, :shortest], start_pos=0, prefix=prefix, images=images, return_hidden=True)
+    logits = model.logits(hidden[:, -1:]).float()[:, -1]
+    if params.draft_tokens > 0 and batch == 1 and mp is None:
+        from util.speculative import decode_one  # noqa: PLC0415 - util.speculative imports this module
+
+        def forward(ids: torch.Tensor, start: int) -> torch.Tensor:
+            return model(ids, start_pos=start + offset, prefix=prefix)[0]
+
+        yield from decode_one(
+            forward, prompts[0], logits[0], params, max_draft=params.draft_tokens, eos_id=eos_id, stop=stop,
+            vocab_size=vocab_size, generator=generator,
+        )  # fmt: skip
+        return
     produced: list[list[int]] = [[] for _ in prompts]
     done = [False] * batch
     for pos in range(shortest, total):

@@ -65,6 +65,7 @@ from util.checkpoint import model_state, save_checkpoint
 from util.checkpoint.files import publish_dir
 from util.data import IGNORE_INDEX, InstructionDataset, ResumableDistributedSampler, make_loader
 from util.dist import barrier, dp_group, mp_group, position
+from util.loss import model_token_loss
 from util.lr_sched import Schedule, set_lr
 from util.quant import all_finite
 
@@ -638,9 +639,12 @@ class Trainer:
 
     def _micro_batch_loss(self, batch: tuple[torch.Tensor, ...], step_targets: int) -> torch.Tensor:
         tokens, labels, *images = (t.to(self.device, non_blocking=True) for t in batch)
-        with self._autocast():
-            logits = self.model(tokens, images=images[0]) if images else self.model(tokens)
-        return step_normalized_loss(logits, labels, step_targets)
+        with self._autocast():  # the head in chunks (util.loss); FSDP's root params exist only inside forward
+            loss_sum, _ = model_token_loss(
+                self.model, unwrap(self.model), tokens, labels, images=images[0] if images else None,
+                chunked=self.cfg.data_parallel != "fsdp",
+            )  # fmt: skip
+        return loss_sum / max(step_targets, 1)
 
     def _accumulate_gradients(
         self, micro_batches: Sequence[tuple[torch.Tensor, ...]], step_targets: int

@@ -100,6 +100,10 @@ def _assemble(layout: Layout, d: int | None, lo: int, hi: int) -> torch.Tensor:
     return torch.cat(parts, dim=s)
 
 
+# read_into copies a tensor it cannot pread in blocks of about this many source bytes, releasing pages between
+READ_CHUNK_BYTES = 64 << 20
+
+
 def _pread_into(path: str, offset: int, buf: memoryview) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     try:
@@ -251,10 +255,22 @@ class CheckpointReader:
         """
         layout = self._layout(key, shard_dim)
         d, lo, hi = self._requested(key, layout.shape, shard_dim, rank, world_size)
+        if world_size == 1:  # the whole tensor, whatever dim it would be split on (the embedding's is 1)
+            d = None
         if self._direct_ok(key) and _pread_slice(layout, d, lo, hi, out):
             return out
+        src = self.read(key, shard_dim=shard_dim, rank=rank, world_size=world_size)  # formats may transform here
         with torch.no_grad():
-            return out.copy_(self.read(key, shard_dim=shard_dim, rank=rank, world_size=world_size))
+            if src.dim() == 0 or src.nbytes <= READ_CHUNK_BYTES or src.shape != out.shape:
+                return out.copy_(src)
+            # A view into the mapping (a cast, or columns of it under model parallel): copied a block of rows at a
+            # time, the pages read so far given back after each, so the transient is one block, not the tensor
+            # (a 128k-vocabulary embedding is 0.5-1 GB).
+            rows = max(1, READ_CHUNK_BYTES // max(1, src[0].nbytes))
+            for a in range(0, src.shape[0], rows):
+                out[a : a + rows].copy_(src[a : a + rows])
+                self.release(key)
+            return out
 
     def _direct_ok(self, key: str) -> bool:
         """Whether `key`'s stored bytes are its values (no transform on the way out)."""
