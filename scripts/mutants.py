@@ -44,23 +44,23 @@ MUTANTS = [
     # --- the training step (the four the issue found untested) ---
     Mutant(
         "targets not shifted (position t predicts token t)",
-        "util/train.py",
-        "    targets = labels[:, 1:].reshape(-1)\n    loss = F.cross_entropy(\n        logits[:, :-1]",
-        "    targets = labels[:, :-1].reshape(-1)\n    loss = F.cross_entropy(\n        logits[:, :-1]",
+        "util/loss.py",
+        "    targets = labels[:, 1:].reshape(-1)\n    h = hidden[:, :-1]",
+        "    targets = labels[:, :-1].reshape(-1)\n    h = hidden[:, :-1]",
         (TRAIN_REF, "-k", "loss_and_every"),
     ),
     Mutant(
         "loss divided by the batch size, not the step's labelled tokens",
         "util/train.py",
-        "    return loss_sum / max(step_targets, 1)",
-        "    return loss_sum / logits.shape[0]",
+        "        return loss_sum / max(step_targets, 1)",
+        "        return loss_sum / tokens.shape[0]",
         (TRAIN_REF, "-k", "loss_and_every"),
     ),
     Mutant(
         "each micro-batch divided by its own labelled tokens (accumulation is not one batch)",
         "util/train.py",
-        "    loss_sum, _ = token_loss(logits, labels)\n    return loss_sum / max(step_targets, 1)",
-        "    loss_sum, own = token_loss(logits, labels)\n    return loss_sum / max(own, 1)",
+        "        return loss_sum / max(step_targets, 1)",
+        "        return loss_sum / max(int((labels[:, 1:] != -100).sum()), 1)",
         (TRAIN_REF, "-k", "loss_and_every"),
     ),
     Mutant(
@@ -69,6 +69,20 @@ MUTANTS = [
         "norm = clip_grad_norm_(self.params, self.cfg.clip_grad, mp=self.mp, dp_sharded=dp_sharded, device=",
         "norm = clip_grad_norm_(self.params, 0.0, mp=self.mp, dp_sharded=dp_sharded, device=",
         (TRAIN_REF, "-k", "adamw"),
+    ),
+    Mutant(
+        "the plain loss (the chunked loss's reference) not shifted",
+        "util/loss.py",
+        "    targets = labels[:, 1:].reshape(-1)\n    loss = F.cross_entropy(",
+        "    targets = labels[:, :-1].reshape(-1)\n    loss = F.cross_entropy(",
+        ("tests/util/test_loss.py",),
+    ),
+    Mutant(
+        "a chunk of the loss dropped when the rows do not divide evenly",
+        "util/loss.py",
+        "    for start in range(0, n, rows):",
+        "    for start in range(0, n - rows + 1, rows):",
+        ("tests/util/test_loss.py",),
     ),
     Mutant(
         "the logged loss is the mean of the micro-batch losses, not the back-propagated sum",

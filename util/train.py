@@ -6,8 +6,9 @@
     trainer.save_final(output_dir / "final", tokenizer_path)
 
 One optimizer step (`Trainer.train_step`), readable top to bottom:
-  1. loss:         each micro-batch's summed next-token cross entropy over its labelled tokens, divided by the
-                   labelled tokens of the whole step (`step_normalized_loss`), so accumulation is one large batch;
+  1. loss:         each micro-batch's summed next-token cross entropy over its labelled tokens (util.loss: the head
+                   in checkpointed chunks, never the full logits), divided by the labelled tokens of the whole
+                   step (`Trainer._micro_batch_loss`), so accumulation is one large batch;
   2. accumulation: backward per micro-batch, gradients synchronized across data parallel on the last one only;
   3. clipping:     the global grad norm over model-parallel shards (`clip_grad_norm_`), then AdamW at the
                    schedule's learning rate (util.lr_sched.Schedule);
@@ -54,7 +55,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -271,26 +271,9 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, device: torch.device) -> n
 # ----------------------------------------------------------------------------------------------------
 
 
-def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross entropies over labelled positions, number of them): position t predicts t + 1."""
-    targets = labels[:, 1:].reshape(-1)
-    loss = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, int((targets != IGNORE_INDEX).sum())
-
-
 def labelled_targets(labels: torch.Tensor) -> torch.Tensor:
     """Per example: how many of its next-token targets are in the loss."""
     return (labels[:, 1:] != IGNORE_INDEX).sum(1)
-
-
-def step_normalized_loss(logits: torch.Tensor, labels: torch.Tensor, step_targets: int) -> torch.Tensor:
-    """A micro-batch's summed token loss divided by the labelled targets of the whole optimizer step (all its
-    micro-batches on this rank). Summed over the step's micro-batches this is the step's mean token loss, so
-    accumulation equals one large batch; this is what is back-propagated, and the sum is what is logged."""
-    loss_sum, _ = token_loss(logits, labels)
-    return loss_sum / max(step_targets, 1)
 
 
 # ----------------------------------------------------------------------------------------------------
