@@ -218,8 +218,8 @@ def materialize_and_load(
         _check_prequantized(model, readers, world_size)  # 2. validate, before any allocation
         _validate(plans, sources, world_size=world_size, strict=strict, allow_missing=allow_missing, report=report)
         _Filler(device, seed, pos.model_parallel_rank, world_size, report).fill(plans)  # 3. fill, module by module
-        _move_real_tensors(model, device)  # a visual backbone was built for real on the CPU
         _check_nothing_on_meta(model)  # 4. verify
+        _move_real_tensors(model, device)  # 5. a visual backbone was built for real on the CPU: onto `device`
     finally:
         for reader in owned:
             reader.close()
