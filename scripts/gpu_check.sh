@@ -19,9 +19,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 # The CPU suite's tests that start processes (run_multiprocess or torchrun); tests/gpu/test_device_paths.py checks
 # that every test file using them is listed here.
 MULTIPROCESS_TESTS=(
-    tests/util/test_model_parallel.py
+    tests/features/test_model_parallel.py
     tests/util/test_generate.py::test_model_parallel_2_decodes_the_same_on_every_rank
-    tests/util/test_prequantized.py::test_model_parallel_2_round_trip_and_size_mismatch
+    tests/features/test_prequantized.py::test_model_parallel_2_round_trip_and_size_mismatch
     tests/formats/test_hf_config.py::test_tied_scaled_checkpoint_under_model_parallel_2
     tests/test_main_finetune.py::test_qlora_two_processes_reduce_the_loss_and_reload_with_the_same_logits
     tests/test_main_finetune.py::test_data_parallel_ranks_hold_identical_adapters
@@ -31,6 +31,7 @@ MULTIPROCESS_TESTS=(
     tests/test_demo.py::test_model_parallel_2_under_torchrun
     tests/formats/test_accessory.py::test_an_accessory_lora_and_bias_delta_runs_at_model_parallel_2
     tests/reference/test_train_step.py::test_clipping_under_two_processes_equals_torch_clip_grad_norm
+    tests/util/test_loss.py::test_model_parallel_2_chunked_equals_plain_and_model_parallel_1
     tests/gpu/test_device_paths.py::test_demo_followers_wait_for_rank_0_longer_than_the_world_timeout
     tests/gpu/test_device_paths.py::test_test_workers_use_gloo_and_the_cpu_on_a_gpu_machine
     tests/gpu/test_device_paths.py::test_an_overflow_on_one_rank_skips_the_step_on_every_rank

@@ -282,7 +282,7 @@ MUTANTS = [
         "util/lazy_init.py",
         "                packed = None  # a later checkpoint holds it in full precision",
         "                full = None",
-        ("tests/util/test_prequantized.py", "-k", "later_full"),
+        ("tests/features/test_prequantized.py", "-k", "later_full"),
     ),
     # --- config and files ---
     Mutant(

@@ -651,7 +651,7 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         dp_sharded = self.dp if self.fsdp else None
-        norm = clip_grad_norm_(self.params, 0.0, mp=self.mp, dp_sharded=dp_sharded, device=self.device)
+        norm = clip_grad_norm_(self.params, self.cfg.clip_grad, mp=self.mp, dp_sharded=dp_sharded, device=self.device)
         updated = loss_finite and math.isfinite(norm)
         if self.scaler is not None:
             if loss_finite:  # the scaler skips a step whose gradients overflowed by itself, and lowers its scale

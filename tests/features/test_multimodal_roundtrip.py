@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.features.test_multimodal import ANSWERS, COLORS, _image_set, _visual_args
 from tests.finetune_env import make_env
 from tests.util.test_images import bad_images
-from tests.util.test_multimodal import ANSWERS, COLORS, _image_set, _visual_args
 from util.build import build_model
 from util.generate import Chat, SamplingParams
 from util.images import load_image
@@ -28,7 +28,7 @@ QUESTION = "What color is the picture?"
 def finetuned(tmp_path_factory):
     """main_finetune on the four colour pictures: image tokens before the text, the whole LLM and the visual
     projection trained (the backbone stays frozen). Prefix mode learns too slowly from a random tiny base to
-    answer in a test's time; its generation path is compared with recompute in tests/util/test_multimodal.py."""
+    answer in a test's time; its generation path is compared with recompute in tests/features/test_multimodal.py."""
     import main_finetune
 
     root = tmp_path_factory.mktemp("mm_roundtrip")
