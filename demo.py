@@ -58,9 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m = p.add_argument_group("model (no arguments: the bundled fine-tuning default in out/quickstart)")
     m.add_argument("--llama_config", nargs="+", type=Path, help="JSON config(s), merged in order (later wins)")
     m.add_argument(
-        "--tokenizer_path", type=Path,
+        "--tokenizer_path",
+        type=Path,
         help="tokenizer.model (sentencepiece or Llama 3's tiktoken), tokenizer.json, or a folder holding one",
-    )  # fmt: skip
+    )
     m.add_argument("--pretrained_path", nargs="+", type=Path, help="checkpoint(s) loaded in order: base, deltas")
     m.add_argument("--quant", default="4bit", choices=["none", "4bit", "4bit_fp4", "8bit"])
     m.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
@@ -68,9 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--model_parallel_size", type=int, default=1, help="launch with torchrun --nproc_per_node N")
     m.add_argument("--raw", action="store_true", help="no chat template and no history (a base model)")
     m.add_argument(
-        "--chat_format", default="auto", choices=["auto", "lazyllama", "llama2", "llama3"],
+        "--chat_format",
+        default="auto",
+        choices=["auto", "lazyllama", "llama2", "llama3"],
         help="auto: from the tokenizer (its chat template; Llama 3's header tokens), else this project's template",
-    )  # fmt: skip
+    )
     s = p.add_argument_group("sampling (the web page has its own controls)")
     s.add_argument("--max_new_tokens", type=int, default=None, help="default: 128, at most a quarter of the context")
     s.add_argument("--temperature", type=finite_float, default=0.7, help="0: greedy")
@@ -79,10 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--repetition_penalty", type=finite_float, default=1.1, help="1: off")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument(
-        "--draft_tokens", type=int, default=DRAFT_TOKENS,
+        "--draft_tokens",
+        type=int,
+        default=DRAFT_TOKENS,
         help="speculative decoding: up to N tokens drafted from the conversation (prompt lookup) and checked in "
         "one forward; same output distribution, faster when answers quote the prompt (0: off)",
-    )  # fmt: skip
+    )
     p.add_argument(
         "--save_quantized",
         type=Path,

@@ -85,9 +85,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="tokenizer.model (sentencepiece or Llama 3's tiktoken), tokenizer.json, or a directory holding one",
     )
     m.add_argument(
-        "--chat_format", default="auto", choices=["auto", "lazyllama", "llama2", "llama3"],
+        "--chat_format",
+        default="auto",
+        choices=["auto", "lazyllama", "llama2", "llama3"],
         help="prompt format of the data (auto: from the tokenizer); demo.py takes the same option",
-    )  # fmt: skip
+    )
     m.add_argument("--pretrained_path", nargs="+", default=[], help="checkpoint(s) loaded in order (base, deltas)")
     m.add_argument("--pretrained_format", default="auto", choices=["auto", "meta", "hf", "lazyllama"])
     m.add_argument("--quant", choices=["none", "4bit", "4bit_fp4", "8bit"], help="base quantization (default none)")

@@ -167,8 +167,9 @@ def main() -> None:
 
     session = Session(f"generate-{opts.shape}", __file__, timeout=opts.timeout)
     ckpt, _ = session.synthetic_checkpoint(opts.shape)
-    base_args = cli_args(shape=opts.shape, prompt_tokens=opts.prompt_tokens, new_tokens=opts.new_tokens,
-                         repeat=opts.repeat, ckpt=ckpt)  # fmt: skip
+    base_args = cli_args(
+        shape=opts.shape, prompt_tokens=opts.prompt_tokens, new_tokens=opts.new_tokens, repeat=opts.repeat, ckpt=ckpt
+    )
     impls = (("plain", "ours", 0), ("spec", "ours", opts.draft_tokens), ("hf", "hf", 0))
     load_before = os.getloadavg()
     results: dict[str, dict] = {}

@@ -14,33 +14,103 @@ import random
 from pathlib import Path
 
 OPPOSITES = [
-    ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("day", "night"), ("happy", "sad"),
-    ("light", "dark"), ("open", "closed"), ("old", "new"), ("full", "empty"), ("wet", "dry"), ("early", "late"),
-    ("high", "low"), ("loud", "quiet"), ("hard", "soft"), ("long", "short"), ("rich", "poor"), ("young", "old"),
-    ("left", "right"), ("in", "out"), ("strong", "weak"), ("clean", "dirty"), ("thick", "thin"), ("near", "far"),
-]  # fmt: skip
+    ("hot", "cold"),
+    ("big", "small"),
+    ("fast", "slow"),
+    ("up", "down"),
+    ("day", "night"),
+    ("happy", "sad"),
+    ("light", "dark"),
+    ("open", "closed"),
+    ("old", "new"),
+    ("full", "empty"),
+    ("wet", "dry"),
+    ("early", "late"),
+    ("high", "low"),
+    ("loud", "quiet"),
+    ("hard", "soft"),
+    ("long", "short"),
+    ("rich", "poor"),
+    ("young", "old"),
+    ("left", "right"),
+    ("in", "out"),
+    ("strong", "weak"),
+    ("clean", "dirty"),
+    ("thick", "thin"),
+    ("near", "far"),
+]
 
 COLORS = [
-    ("the sky on a clear day", "blue"), ("grass", "green"), ("snow", "white"), ("a ripe banana", "yellow"),
-    ("a ripe tomato", "red"), ("coal", "black"), ("an orange", "orange"), ("a lemon", "yellow"),
-    ("a strawberry", "red"), ("milk", "white"), ("a fresh leaf", "green"), ("chocolate", "brown"),
-    ("the sun in a drawing", "yellow"), ("a crow", "black"), ("a carrot", "orange"), ("the sea in a picture", "blue"),
-]  # fmt: skip
+    ("the sky on a clear day", "blue"),
+    ("grass", "green"),
+    ("snow", "white"),
+    ("a ripe banana", "yellow"),
+    ("a ripe tomato", "red"),
+    ("coal", "black"),
+    ("an orange", "orange"),
+    ("a lemon", "yellow"),
+    ("a strawberry", "red"),
+    ("milk", "white"),
+    ("a fresh leaf", "green"),
+    ("chocolate", "brown"),
+    ("the sun in a drawing", "yellow"),
+    ("a crow", "black"),
+    ("a carrot", "orange"),
+    ("the sea in a picture", "blue"),
+]
 
 SOUNDS = [
-    ("cow", "moo"), ("dog", "woof"), ("cat", "meow"), ("duck", "quack"), ("sheep", "baa"), ("owl", "hoot"),
-    ("lion", "roar"), ("bee", "buzz"), ("snake", "hiss"), ("horse", "neigh"), ("pig", "oink"), ("frog", "croak"),
-]  # fmt: skip
+    ("cow", "moo"),
+    ("dog", "woof"),
+    ("cat", "meow"),
+    ("duck", "quack"),
+    ("sheep", "baa"),
+    ("owl", "hoot"),
+    ("lion", "roar"),
+    ("bee", "buzz"),
+    ("snake", "hiss"),
+    ("horse", "neigh"),
+    ("pig", "oink"),
+    ("frog", "croak"),
+]
 
 CAPITALS = [
-    ("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"),
-    ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Norway", "Oslo"),
-    ("Greece", "Athens"), ("Ireland", "Dublin"), ("Portugal", "Lisbon"), ("Austria", "Vienna"),
-    ("Poland", "Warsaw"), ("Chile", "Santiago"),
-]  # fmt: skip
+    ("France", "Paris"),
+    ("Japan", "Tokyo"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Germany", "Berlin"),
+    ("Egypt", "Cairo"),
+    ("Canada", "Ottawa"),
+    ("Kenya", "Nairobi"),
+    ("Peru", "Lima"),
+    ("Norway", "Oslo"),
+    ("Greece", "Athens"),
+    ("Ireland", "Dublin"),
+    ("Portugal", "Lisbon"),
+    ("Austria", "Vienna"),
+    ("Poland", "Warsaw"),
+    ("Chile", "Santiago"),
+]
 
-WORDS = ["apple", "river", "garden", "music", "window", "pencil", "cloud", "tiger", "bread", "planet", "candle",
-         "bridge", "forest", "rocket", "castle", "lemon"]  # fmt: skip
+WORDS = [
+    "apple",
+    "river",
+    "garden",
+    "music",
+    "window",
+    "pencil",
+    "cloud",
+    "tiger",
+    "bread",
+    "planet",
+    "candle",
+    "bridge",
+    "forest",
+    "rocket",
+    "castle",
+    "lemon",
+]
 
 HANDWRITTEN = [
     ("Say hello.", "", "Hello! How can I help you today?"),

@@ -28,9 +28,14 @@ from model.layers.parallel import (
 )
 
 LORA_TARGETS = {
-    "wq": "attention.wq", "wk": "attention.wk", "wv": "attention.wv", "wo": "attention.wo",
-    "w1": "feed_forward.w1", "w2": "feed_forward.w2", "w3": "feed_forward.w3",
-}  # fmt: skip
+    "wq": "attention.wq",
+    "wk": "attention.wk",
+    "wv": "attention.wv",
+    "wo": "attention.wo",
+    "w1": "feed_forward.w1",
+    "w2": "feed_forward.w2",
+    "w3": "feed_forward.w3",
+}
 
 
 def linear_style(linear: nn.Module) -> str | None:
@@ -59,9 +64,16 @@ class LoRA(nn.Module):
     init_when_missing = True  # new tensors: a base checkpoint does not have them
 
     def __init__(
-        self, in_features: int, out_features: int, *, rank: int, alpha: float, dropout: float,
-        style: str | None, gather_output: bool = False,
-    ) -> None:  # fmt: skip
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        rank: int,
+        alpha: float,
+        dropout: float,
+        style: str | None,
+        gather_output: bool = False,
+    ) -> None:
         super().__init__()
         ws = mp_world_size() if style else 1
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
@@ -80,9 +92,12 @@ class LoRA(nn.Module):
             return
         # kaiming_uniform_(a=sqrt(5)) over the full A: bound sqrt(6 / ((1 + 5) * fan_in)) = 1 / sqrt(fan_in)
         init_sharded_(
-            self.lora_a, uniform_fill(1.0 / math.sqrt(self.in_features)), shard_dim=self.shard_dims["lora_a"],
-            rank=mp_rank() if self.style else 0, world_size=mp_world_size() if self.style else 1,
-        )  # fmt: skip
+            self.lora_a,
+            uniform_fill(1.0 / math.sqrt(self.in_features)),
+            shard_dim=self.shard_dims["lora_a"],
+            rank=mp_rank() if self.style else 0,
+            world_size=mp_world_size() if self.style else 1,
+        )
         with torch.no_grad():
             self.lora_b.zero_()
 
@@ -173,9 +188,14 @@ def add_lora(model: nn.Module, args: ModelArgs) -> int:
             raise ValueError("LoRA is already attached to this model")
         style = linear_style(linear)
         linear.lora = LoRA(
-            linear.in_features, linear.out_features, rank=args.lora_rank, alpha=args.lora_alpha,
-            dropout=args.lora_dropout, style=style, gather_output=getattr(linear, "gather_output", False),
-        )  # fmt: skip
+            linear.in_features,
+            linear.out_features,
+            rank=args.lora_rank,
+            alpha=args.lora_alpha,
+            dropout=args.lora_dropout,
+            style=style,
+            gather_output=getattr(linear, "gather_output", False),
+        )
         _add_output_hook(linear)
         count += 1
     return count

@@ -67,8 +67,10 @@ def open_clip_preprocess(cfg: dict) -> ImagePreprocess:
         raise ValueError(f"open_clip preprocess_cfg resize_mode={mode!r}: expected shortest, longest or squash")
     if mode == "shortest" and size[0] != size[1]:
         interpolation = "bicubic"  # open_clip's keep-ratio resize for non-square sizes is always bicubic
-    mean, std = (tuple(float(v) for v in cfg[k]) if isinstance(cfg[k], (list, tuple)) else (float(cfg[k]),) * 3
-                 for k in ("mean", "std"))  # fmt: skip
+    mean, std = (
+        tuple(float(v) for v in cfg[k]) if isinstance(cfg[k], (list, tuple)) else (float(cfg[k]),) * 3
+        for k in ("mean", "std")
+    )
     fill = cfg.get("fill_color", 0)
     fill = tuple(int(v) for v in fill) if isinstance(fill, (list, tuple)) else (int(fill),)
     return ImagePreprocess(size, mode, size, interpolation, mean, std, fill, convert_first=False)
@@ -163,9 +165,15 @@ def _open_clip_backbone(spec: str, name: str, kwargs: dict) -> tuple[nn.Module, 
             )
         force = merge_preprocess_dict({}, tag_cfg)
     model = _build(
-        spec, kwargs, open_clip.create_model, model_name, pretrained=None, pretrained_image=False,
-        pretrained_text=False, force_preprocess_cfg=force,
-    )  # fmt: skip
+        spec,
+        kwargs,
+        open_clip.create_model,
+        model_name,
+        pretrained=None,
+        pretrained_image=False,
+        pretrained_text=False,
+        force_preprocess_cfg=force,
+    )
     tower = model.visual
     tower.output_tokens = True  # (pooled, patch tokens)
     return tower, open_clip_preprocess(tower.preprocess_cfg)

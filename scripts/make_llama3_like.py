@@ -50,11 +50,23 @@ def train_tokenizer(out: Path, vocab_size: int) -> None:
     import sentencepiece as spm
 
     spm.SentencePieceTrainer.Train(
-        sentence_iterator=iter(bundled_texts()), model_prefix=str(out / "tokenizer"), vocab_size=vocab_size,
-        model_type="bpe", character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        hard_vocab_limit=False, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        split_digits=True, num_threads=os.cpu_count() or 1, minloglevel=2,
-    )  # fmt: skip
+        sentence_iterator=iter(bundled_texts()),
+        model_prefix=str(out / "tokenizer"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=1.0,
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        hard_vocab_limit=False,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+    )
     (out / "tokenizer.vocab").unlink(missing_ok=True)
 
 
@@ -104,10 +116,17 @@ def main(argv: list[str] | None = None) -> int:
         tok = tokenizer_export(tmp / "tokenizer.model")
         vocab = tok.sp.GetPieceSize()
         params = {
-            "dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
-            "head_size": a.head_dim, "ffn_hidden_dim": a.intermediate_size, "vocab_size": vocab, "norm_eps": 1e-5,
-            "rope_theta": 500000.0, "max_seq_len": a.max_seq_len,
-        }  # fmt: skip
+            "dim": a.dim,
+            "n_layers": a.n_layers,
+            "n_heads": a.n_heads,
+            "n_kv_heads": a.n_kv_heads,
+            "head_size": a.head_dim,
+            "ffn_hidden_dim": a.intermediate_size,
+            "vocab_size": vocab,
+            "norm_eps": 1e-5,
+            "rope_theta": 500000.0,
+            "max_seq_len": a.max_seq_len,
+        }
         sd = random_weights(params, vocab, a.seed)
         core = {k: v for k, v in params.items() if k != "head_size"}  # the config.json is written below
         write_hf_checkpoint(tmp, sd, params=core)

@@ -43,10 +43,16 @@ def random_state_dict(args: ModelArgs, *, seed: int = 0, dtype: torch.dtype = to
 def params_of(args: ModelArgs) -> dict:
     """The params.json a Meta checkpoint of these weights would carry."""
     return {
-        "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
-        "vocab_size": args.vocab_size, "multiple_of": args.multiple_of, "norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta, "max_seq_len": args.max_seq_len,
-    }  # fmt: skip
+        "dim": args.dim,
+        "n_layers": args.n_layers,
+        "n_heads": args.n_heads,
+        "n_kv_heads": args.n_kv_heads,
+        "vocab_size": args.vocab_size,
+        "multiple_of": args.multiple_of,
+        "norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "max_seq_len": args.max_seq_len,
+    }
 
 
 def reference_forward(sd: dict[str, torch.Tensor], args: ModelArgs, tokens: torch.Tensor) -> torch.Tensor:

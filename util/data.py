@@ -103,10 +103,16 @@ def load_data_config(path: str | Path) -> list[DataSource]:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (ratio > 0 and math.isfinite(ratio)):
             raise DataError(f"{where}: ratio must be a number > 0 and finite, got {ratio!r}")
         pixels = entry.get("max_image_pixels")
-        if pixels is not None and (entry["type"] != "image_conversation" or isinstance(pixels, bool)
-                                   or not isinstance(pixels, int) or pixels <= 0):  # fmt: skip
-            raise DataError(f"{where}: max_image_pixels must be an integer > 0 on an image_conversation source, "
-                            f"got {pixels!r} on a {entry['type']} source")  # fmt: skip
+        if pixels is not None and (
+            entry["type"] != "image_conversation"
+            or isinstance(pixels, bool)
+            or not isinstance(pixels, int)
+            or pixels <= 0
+        ):
+            raise DataError(
+                f"{where}: max_image_pixels must be an integer > 0 on an image_conversation source, "
+                f"got {pixels!r} on a {entry['type']} source"
+            )
         raw = Path(entry["path"])
         candidates = [raw] if raw.is_absolute() else [cfg_path.parent / raw, Path.cwd() / raw]
         found = next((c for c in candidates if c.is_file()), None)
@@ -278,8 +284,9 @@ def read_records(
             problems.append(f"{where}: {e}")
     total = len(records) + len(problems)
     if problems:
-        listed = "; ".join(problems[:_MAX_LISTED]) + (f"; ... (+{len(problems) - _MAX_LISTED})" if
-                                                     len(problems) > _MAX_LISTED else "")  # fmt: skip
+        listed = "; ".join(problems[:_MAX_LISTED]) + (
+            f"; ... (+{len(problems) - _MAX_LISTED})" if len(problems) > _MAX_LISTED else ""
+        )
         if strict:
             raise DataError(
                 f"{source.path}: {len(problems)} of {total} {source.type} record(s) are bad: {listed}. Fix them, "
@@ -487,9 +494,12 @@ class ResumableDistributedSampler(Sampler[int]):
 
     def state_dict(self) -> dict[str, int]:
         return {
-            "epoch": self.epoch, "position": self.position, "num_samples": self.num_samples,
-            "world_size": self.world_size, "seed": self.seed,
-        }  # fmt: skip
+            "epoch": self.epoch,
+            "position": self.position,
+            "num_samples": self.num_samples,
+            "world_size": self.world_size,
+            "seed": self.seed,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         for key in ("num_samples", "world_size", "seed"):
@@ -507,7 +517,11 @@ def make_loader(
     """Whole batches only (every data-parallel rank takes the same number of steps). The loader has its own
     generator, so creating an iterator does not draw from the global RNG (resumed runs stay identical)."""
     return DataLoader(
-        dataset, batch_sampler=BatchSampler(sampler, batch_size, drop_last=True), collate_fn=collate,
-        num_workers=num_workers, generator=torch.Generator().manual_seed(seed),
-        persistent_workers=False, pin_memory=torch.cuda.is_available(),
-    )  # fmt: skip
+        dataset,
+        batch_sampler=BatchSampler(sampler, batch_size, drop_last=True),
+        collate_fn=collate,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )

@@ -183,9 +183,16 @@ def decode(
             return model(ids, start_pos=start + offset, prefix=prefix)[0]
 
         yield from decode_one(
-            forward, prompts[0], logits[0], params, max_draft=params.draft_tokens, eos_id=eos_id, stop=stop,
-            vocab_size=vocab_size, generator=generator,
-        )  # fmt: skip
+            forward,
+            prompts[0],
+            logits[0],
+            params,
+            max_draft=params.draft_tokens,
+            eos_id=eos_id,
+            stop=stop,
+            vocab_size=vocab_size,
+            generator=generator,
+        )
         return
     produced: list[list[int]] = [[] for _ in prompts]
     done = [False] * batch
@@ -329,10 +336,16 @@ def stream_text(
         return text.stopped
 
     for _ in decode(
-        model, [prompt], params, eos_id=tokenizer.eos_id if end_ids is None else end_ids, stop=push,
+        model,
+        [prompt],
+        params,
+        eos_id=tokenizer.eos_id if end_ids is None else end_ids,
+        stop=push,
         vocab_size=tokenizer.vocab_size,
-        prefix=prefix, images=images, generator=generator,
-    ):  # fmt: skip
+        prefix=prefix,
+        images=images,
+        generator=generator,
+    ):
         delta = deltas.pop()
         if delta:
             yield delta
@@ -381,9 +394,14 @@ class Chat:
     raw=True: no template and no history, each message is the whole prompt (a base model)."""
 
     def __init__(
-        self, model: Transformer, tokenizer, *, raw: bool = False, stop: Sequence[str] | None = None,
+        self,
+        model: Transformer,
+        tokenizer,
+        *,
+        raw: bool = False,
+        stop: Sequence[str] | None = None,
         chat_format: str | ChatFormat = "auto",
-    ):  # fmt: skip
+    ):
         self.model, self.tokenizer, self.raw = model, tokenizer, raw
         self.format = None if raw else chat_format_for(tokenizer, chat_format)
         self.stop = () if raw else tuple(self.format.stop_strings if stop is None else stop)
@@ -425,9 +443,15 @@ class Chat:
         taken = self.model.image_positions() if images is not None else 0
         ids, max_new, notes = self.prompt_ids(message, params.max_new_tokens, image_positions=taken)
         deltas = stream_text(
-            self.model, self.tokenizer, ids, params.replace(max_new_tokens=max_new), stop=self.stop, prefix=prefix,
-            images=images, end_ids=self.end_ids,
-        )  # fmt: skip
+            self.model,
+            self.tokenizer,
+            ids,
+            params.replace(max_new_tokens=max_new),
+            stop=self.stop,
+            prefix=prefix,
+            images=images,
+            end_ids=self.end_ids,
+        )
 
         def remember(answer: str) -> None:
             if not self.raw:

@@ -159,8 +159,12 @@ class Llama3Format(ChatFormat):
         return segments
 
     def _header(self, role: str) -> Segments:
-        return [(Special("<|start_header_id|>"), False), (role, False), (Special("<|end_header_id|>"), False),
-                ("\n\n", False)]  # fmt: skip
+        return [
+            (Special("<|start_header_id|>"), False),
+            (role, False),
+            (Special("<|end_header_id|>"), False),
+            ("\n\n", False),
+        ]
 
     def _message(self, role: str, content: str) -> Segments:
         return [*self._header(role), (content.strip(), False), (Special("<|eot_id|>"), False)]

@@ -624,9 +624,13 @@ class Trainer:
         tokens, labels, *images = (t.to(self.device, non_blocking=True) for t in batch)
         with self._autocast():  # the head in chunks (util.loss); FSDP's root params exist only inside forward
             loss_sum, _ = model_token_loss(
-                self.model, unwrap(self.model), tokens, labels, images=images[0] if images else None,
+                self.model,
+                unwrap(self.model),
+                tokens,
+                labels,
+                images=images[0] if images else None,
                 chunked=self.cfg.data_parallel != "fsdp",
-            )  # fmt: skip
+            )
         return loss_sum / max(step_targets, 1)
 
     def _accumulate_gradients(

@@ -44,13 +44,15 @@ def _image_set(root: Path, *, bad: bool = False) -> Path:
     records = []
     for i, color in enumerate(COLORS):
         Image.new("RGB", (40, 36), color).save(root / "images" / f"{i}.png")
-        records.append({
-            "image": f"images/{i}.png",
-            "conversations": [
-                {"from": "human", "value": "What color is the picture?"},
-                {"from": "gpt", "value": ANSWERS[i]},
-            ],
-        })  # fmt: skip
+        records.append(
+            {
+                "image": f"images/{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "What color is the picture?"},
+                    {"from": "gpt", "value": ANSWERS[i]},
+                ],
+            }
+        )
     if bad:
         bad_images(root / "images")  # files Pillow refuses in different ways
         conv = records[0]["conversations"]
@@ -116,8 +118,9 @@ def test_every_bad_image_is_a_skipped_record_named_by_file_index_and_path(env, t
     records = json.loads((tmp_path / "mm.json").read_text())
     (tmp_path / "late.json").write_text(json.dumps([records[0], records[12]]))
     (tmp_path / "late.yaml").write_text("sources:\n  - {path: late.json, type: image_conversation}\n")
-    strict = InstructionDataset(load_data_config(tmp_path / "late.yaml"), env.tokenizer, max_words=64, strict=True,
-                                preprocess=PRE)  # fmt: skip
+    strict = InstructionDataset(
+        load_data_config(tmp_path / "late.yaml"), env.tokenizer, max_words=64, strict=True, preprocess=PRE
+    )
     with pytest.raises(DataError, match=r"late.json: \[1\]: image .*truncated.jpg: not a readable image"):
         strict[1]
     # the size limit is a per-source option
@@ -200,8 +203,12 @@ def test_greedy_generation_with_an_image_and_cache_equals_full_recompute(env, tm
         x = torch.tensor([prompt])
         assert not torch.allclose(model(x, images=image), model(x, images=torch.zeros_like(image) + 2))
     with pytest.raises(ValueError, match="exceed max_seq_len"):  # the image's positions count against the context
-        generate(model, [prompt], SamplingParams(max_new_tokens=args.max_seq_len - 5 - model.image_positions() + 1),
-                 images=image)  # fmt: skip
+        generate(
+            model,
+            [prompt],
+            SamplingParams(max_new_tokens=args.max_seq_len - 5 - model.image_positions() + 1),
+            images=image,
+        )
 
 
 def _demo(*argv: str):
@@ -216,9 +223,23 @@ def test_demo_prompt_with_an_image(env, tmp_path):
     config.write_text(json.dumps(args.to_dict()))  # the base's shapes plus the visual backbone
     Image.new("RGB", (50, 40), (10, 200, 30)).save(tmp_path / "pic.png")
     common = [
-        "--tokenizer_path", str(env.tokenizer), "--pretrained_path", str(env.base), "--quant", "none", "--dtype",
-        "fp32", "--temperature", "0", "--repetition_penalty", "1", "--max_new_tokens", "6", "--prompt", "What is this?",
-    ]  # fmt: skip
+        "--tokenizer_path",
+        str(env.tokenizer),
+        "--pretrained_path",
+        str(env.base),
+        "--quant",
+        "none",
+        "--dtype",
+        "fp32",
+        "--temperature",
+        "0",
+        "--repetition_penalty",
+        "1",
+        "--max_new_tokens",
+        "6",
+        "--prompt",
+        "What is this?",
+    ]
     done = _demo(*common, "--llama_config", str(config), "--image", str(tmp_path / "pic.png"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.endswith("\n") and "error" not in done.stderr.lower()
@@ -272,14 +293,33 @@ def test_web_page_takes_an_image_for_a_multimodal_model(env, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     argv = [
-        sys.executable, str(ROOT / "demo.py"), "--tokenizer_path", str(env.tokenizer), "--pretrained_path",
-        str(env.base), "--llama_config", str(config), "--quant", "none", "--dtype", "fp32", "--web", "--port",
-        str(port), "--temperature", "0",
-    ]  # fmt: skip
+        sys.executable,
+        str(ROOT / "demo.py"),
+        "--tokenizer_path",
+        str(env.tokenizer),
+        "--pretrained_path",
+        str(env.base),
+        "--llama_config",
+        str(config),
+        "--quant",
+        "none",
+        "--dtype",
+        "fp32",
+        "--web",
+        "--port",
+        str(port),
+        "--temperature",
+        "0",
+    ]
     log = tmp_path / "web.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})  # fmt: skip
+        proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
+        )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 120
@@ -298,8 +338,9 @@ def test_web_page_takes_an_image_for_a_multimodal_model(env, tmp_path):
         assert "takes no images" not in status and "could not read" not in status, status
         assert history and history[-1]["role"] == "assistant", history
         (tmp_path / "bad.png").write_bytes(b"nope")
-        _, _, status = client.predict("again", [], handle_file(str(tmp_path / "bad.png")), 0, 1, 0, 6, 1,
-                                      api_name="/respond")  # fmt: skip
+        _, _, status = client.predict(
+            "again", [], handle_file(str(tmp_path / "bad.png")), 0, 1, 0, 6, 1, api_name="/respond"
+        )
         assert "could not read the image" in status and proc.poll() is None  # and the server keeps serving
     finally:
         proc.terminate()

@@ -38,9 +38,17 @@ def finetuned(tmp_path_factory):
     visual = root / "visual.json"
     visual.write_text(json.dumps({k: getattr(args, k) for k in ("visual_backbone", "visual_kwargs", "visual_weights")}))
     argv = env.argv(
-        root / "out", "--data_config", str(data), "--max_iters", "100", "--lr", "3e-3", "--save_interval", "0",
+        root / "out",
+        "--data_config",
+        str(data),
+        "--max_iters",
+        "100",
+        "--lr",
+        "3e-3",
+        "--save_interval",
+        "0",
         lora=False,
-    )  # fmt: skip
+    )
     argv[argv.index("--pretrained_path") : argv.index("--pretrained_path")] = ["--llama_config", str(visual)]
     res = main_finetune.main(argv)
     assert res.losses[-1] < 0.2 * res.losses[0], res.losses
@@ -75,16 +83,34 @@ def _demo(*argv: str):
 def test_demo_answers_about_the_picture_and_refuses_bad_ones_in_one_line(finetuned, tmp_path):
     env, final, pictures = finetuned
     common = [
-        "--tokenizer_path", str(env.tokenizer), "--pretrained_path", str(env.base), str(final), "--quant", "none",
-        "--dtype", "fp32", "--temperature", "0", "--max_new_tokens", "16", "--prompt", QUESTION,
-    ]  # fmt: skip
+        "--tokenizer_path",
+        str(env.tokenizer),
+        "--pretrained_path",
+        str(env.base),
+        str(final),
+        "--quant",
+        "none",
+        "--dtype",
+        "fp32",
+        "--temperature",
+        "0",
+        "--max_new_tokens",
+        "16",
+        "--prompt",
+        QUESTION,
+    ]
     for i in (0, 2):
         done = _demo(*common, "--image", str(pictures / f"{i}.png"))
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == ANSWERS[i], (done.stdout, done.stderr)
-    reasons = {"text": "cannot identify image file", "bad_crc": "broken PNG file", "bomb": "too large",
-               "big": "9000x9000 pixels is over the limit", "truncated": "image file is truncated",
-               "missing": "not found"}  # fmt: skip
+    reasons = {
+        "text": "cannot identify image file",
+        "bad_crc": "broken PNG file",
+        "bomb": "too large",
+        "big": "9000x9000 pixels is over the limit",
+        "truncated": "image file is truncated",
+        "missing": "not found",
+    }
     for name, (path, _) in bad_images(tmp_path / "bad").items():
         if name not in reasons:
             continue

@@ -33,11 +33,22 @@ def tokenizer_path(fmt_dir):
     d = fmt_dir / "tok"
     d.mkdir()
     spm.SentencePieceTrainer.Train(
-        sentence_iterator=iter(TEXTS), model_prefix=str(d / "tokenizer"), vocab_size=360, model_type="bpe",
-        character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        hard_vocab_limit=False, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        split_digits=True, minloglevel=2,
-    )  # fmt: skip
+        sentence_iterator=iter(TEXTS),
+        model_prefix=str(d / "tokenizer"),
+        vocab_size=360,
+        model_type="bpe",
+        character_coverage=1.0,
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        hard_vocab_limit=False,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        minloglevel=2,
+    )
     return d / "tokenizer.model"
 
 

@@ -40,10 +40,22 @@ def test_lazyllama_full_export_reloads_exactly(base, delta, export):
 def test_command_line_writes_gguf(base, tmp_path):
     out = tmp_path / "cli-gguf"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "convert.py"), str(base[2]), "--to", "gguf", "--quant", "q8_0",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(REPO / "scripts" / "convert.py"),
+            str(base[2]),
+            "--to",
+            "gguf",
+            "--quant",
+            "q8_0",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(out) and (out / "model.gguf").is_file()
 

@@ -135,8 +135,13 @@ def _tiny(merged):
 def test_rope_scaling_llama3_writes_the_factors_and_linear_the_metadata(merged, tokenizer_path, tmp_path):
     vocab = tokenizer_export(tokenizer_path).gguf_vocab(VOCAB)
     params = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "rope_theta": 500000.0, "max_seq_len": 128}
-    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64}  # fmt: skip
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     write_gguf(tmp_path / "l3.gguf", _tiny(merged), params={**params, "rope_scaling": scaling}, vocab=vocab)
     _, tensors = _read(tmp_path / "l3.gguf")
     factors = _dequantized(tensors["rope_freqs.weight"])

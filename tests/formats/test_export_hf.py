@@ -140,10 +140,21 @@ def test_unigram_sentencepiece_exports_with_equal_ids(tmp_path):
     from util.export.tokenizer import tokenizer_export
 
     spm.SentencePieceTrainer.Train(
-        sentence_iterator=iter(TEXTS), model_prefix=str(tmp_path / "tokenizer"), vocab_size=360,
-        model_type="unigram", character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        hard_vocab_limit=False, normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2,
-    )  # fmt: skip
+        sentence_iterator=iter(TEXTS),
+        model_prefix=str(tmp_path / "tokenizer"),
+        vocab_size=360,
+        model_type="unigram",
+        character_coverage=1.0,
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        hard_vocab_limit=False,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        minloglevel=2,
+    )
     out = tmp_path / "hf"
     out.mkdir()
     tokenizer_export(tmp_path / "tokenizer.model").write_hf(out, max_seq_len=64)

@@ -61,8 +61,9 @@ def test_source_saved_at_model_parallel_two_converts(base, fmt_dir, export):
 
     for rank in range(2):
         local = {k: (v if (d := meta_split_dim(k)) is None else v.chunk(2, dim=d)[rank]) for k, v in sd.items()}
-        save_checkpoint(src, local, shard_dims={k: meta_split_dim(k) for k in sd}, rank=rank, world_size=2,
-                        config=args.to_dict())  # fmt: skip
+        save_checkpoint(
+            src, local, shard_dims={k: meta_split_dim(k) for k in sd}, rank=rank, world_size=2, config=args.to_dict()
+        )
     (src / "tokenizer.model").write_bytes((base_dir / "tokenizer.model").read_bytes())
     out = export("hf-from-mp2", [src], to="hf", dtype="float32")
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)

@@ -24,8 +24,24 @@ import make_llama3_like  # noqa: E402
 
 HAS_HF_CONFIG = importlib.util.find_spec("util.hf_config") is not None
 needs_hf_config = pytest.mark.skipif(not HAS_HF_CONFIG, reason="llama3 RoPE scaling from config.json: util/hf_config")
-SHAPE = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--head_dim", "16",
-         "--intermediate_size", "160", "--vocab_size", "400", "--max_seq_len", "256"]  # fmt: skip
+SHAPE = [
+    "--dim",
+    "64",
+    "--n_layers",
+    "2",
+    "--n_heads",
+    "4",
+    "--n_kv_heads",
+    "2",
+    "--head_dim",
+    "16",
+    "--intermediate_size",
+    "160",
+    "--vocab_size",
+    "400",
+    "--max_seq_len",
+    "256",
+]
 
 
 @pytest.fixture(scope="module")

@@ -241,10 +241,17 @@ def test_finetune_sh_stops_when_no_gpu_is_visible(tmp_path):
     (tmp_path / "c.json").write_text("{}")
     (tmp_path / "t.model").write_bytes(b"")
     proc = subprocess.run(
-        ["bash", str(REPO / "scripts" / "finetune.sh"), str(tmp_path / "ckpt"), str(tmp_path / "c.json"),
-         str(tmp_path / "t.model")],
-        capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": "/bin/echo"},
-    )  # fmt: skip
+        [
+            "bash",
+            str(REPO / "scripts" / "finetune.sh"),
+            str(tmp_path / "ckpt"),
+            str(tmp_path / "c.json"),
+            str(tmp_path / "t.model"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": "/bin/echo"},
+    )
     assert proc.returncode == 2 and "hides every GPU" in proc.stderr and proc.stdout == ""
 
 
@@ -257,8 +264,13 @@ def test_slurm_tasks_get_the_cpus_per_task(tmp_path):
     (fake / "srun").write_text('#!/bin/sh\necho srun "$@"\n')
     (fake / "srun").chmod(0o755)
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "PYTHON": "/bin/echo"}
-    argv = ["bash", str(REPO / "scripts" / "finetune_slurm.sh"), str(tmp_path / "ckpt"), str(tmp_path / "c.json"),
-            str(tmp_path / "t.model")]  # fmt: skip
+    argv = [
+        "bash",
+        str(REPO / "scripts" / "finetune_slurm.sh"),
+        str(tmp_path / "ckpt"),
+        str(tmp_path / "c.json"),
+        str(tmp_path / "t.model"),
+    ]
     proc = subprocess.run(argv, capture_output=True, text=True, env={**env, "SLURM_CPUS_PER_TASK": "8"})
     assert proc.returncode == 0 and proc.stdout.startswith("srun --kill-on-bad-exit=1 --cpus-per-task 8 /bin/echo")
     proc = subprocess.run(argv, capture_output=True, text=True, env=env)
@@ -360,12 +372,19 @@ def test_init_draws_come_from_the_cpu_generator_whatever_the_device():
     seen = []
     fill = uniform_fill(0.1)
     local = torch.empty(4, 8, device="meta")  # stands in for a GPU tensor
-    init_sharded_(local, lambda t, g: (seen.append((t.device.type, g.device.type)), fill(t, g)), shard_dim=None,
-                  rank=0, world_size=1, base_seed=3)  # fmt: skip
+    init_sharded_(
+        local,
+        lambda t, g: (seen.append((t.device.type, g.device.type)), fill(t, g)),
+        shard_dim=None,
+        rank=0,
+        world_size=1,
+        base_seed=3,
+    )
     assert seen and set(seen) == {("cpu", "cpu")}
     cpu = init_sharded_(torch.empty(4, 8), fill, shard_dim=None, rank=0, world_size=1, base_seed=3)
-    again = init_sharded_(torch.empty(4, 8, dtype=torch.float64), fill, shard_dim=None, rank=0, world_size=1,
-                          base_seed=3)  # fmt: skip
+    again = init_sharded_(
+        torch.empty(4, 8, dtype=torch.float64), fill, shard_dim=None, rank=0, world_size=1, base_seed=3
+    )
     assert torch.equal(cpu.double(), again)
 
 

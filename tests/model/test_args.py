@@ -45,8 +45,13 @@ def test_inconsistent_shapes_are_rejected():
 
 
 def test_rope_scaling_is_validated_by_type():
-    ok = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 8192}  # fmt: skip
+    ok = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     assert ModelArgs(dim=64, n_heads=4, rope_scaling=ok).rope_scaling_params == ok
     for bad, message in [
         ({"rope_type": "yarn", "factor": 4.0}, "rope_type='yarn' is not implemented"),
@@ -68,9 +73,12 @@ def test_meta_use_scaled_rope_means_llama3_with_metas_constants(tmp_path):
     )
     args = ModelArgs.from_json(tmp_path / "params.json")
     assert args.rope_scaling is None and args.rope_scaling_params == {
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192,
-    }  # fmt: skip
+    }
     assert args.replace(use_scaled_rope=False).rope_scaling_params is None
 
 
@@ -86,9 +94,14 @@ def test_head_size_overrides_dim_over_heads():
 
 def test_new_fields_survive_to_dict_and_from_dict():
     args = ModelArgs(
-        dim=64, n_heads=4, head_size=24, tie_word_embeddings=True, eos_token_id=[2, 5], bos_token_id=1,
+        dim=64,
+        n_heads=4,
+        head_size=24,
+        tie_word_embeddings=True,
+        eos_token_id=[2, 5],
+        bos_token_id=1,
         rope_scaling={"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 32},
-    )  # fmt: skip
+    )
     again = ModelArgs.from_dict(json.loads(json.dumps(args.to_dict())))
     assert again == args and again.rope_scaling is not args.rope_scaling
 
@@ -96,7 +109,12 @@ def test_new_fields_survive_to_dict_and_from_dict():
 def test_llama32_meta_params_take_hf_factor_from_an_extra_config(tmp_path):
     """Meta's params.json cannot say factor 32 (Llama 3.2 1B/3B): a later config replaces Meta's constants."""
     (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_heads": 4, "use_scaled_rope": True}))
-    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}  # fmt: skip
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     (tmp_path / "rope.json").write_text(json.dumps({"use_scaled_rope": False, "rope_scaling": scaling}))
     assert ModelArgs.from_json(tmp_path / "params.json", tmp_path / "rope.json").rope_scaling_params == scaling

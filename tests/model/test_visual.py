@@ -92,9 +92,13 @@ def test_prefix_variant_is_a_noop_until_trained_then_the_image_matters(base, tmp
     weights, _ = _weights(tmp_path, "timm")
     spec, kwargs = BACKBONES["timm"]
     cfg = args.replace(
-        visual_backbone=spec, visual_kwargs=kwargs, visual_weights=str(weights), visual_mode="prefix",
-        adapter_len=3, adapter_layers=2,
-    )  # fmt: skip
+        visual_backbone=spec,
+        visual_kwargs=kwargs,
+        visual_weights=str(weights),
+        visual_mode="prefix",
+        adapter_len=3,
+        adapter_layers=2,
+    )
     torch.manual_seed(0)
     model, _ = build_model(cfg, [path], quant="4bit", dtype=torch.float32)
     images = _images()
@@ -224,10 +228,22 @@ def test_converter_takes_the_image_tower_of_a_clip_checkpoint(tmp_path):
     torch.save(clip.state_dict(), tmp_path / "clip.pt")  # the whole CLIP: text tower included
     out = tmp_path / "visual.safetensors"
     subprocess.run(
-        [sys.executable, str(ROOT / "scripts/convert_visual_weights.py"), "--backbone", spec, "--kwargs",
-         __import__("json").dumps(kwargs), "--input", str(tmp_path / "clip.pt"), "--output", str(out)],
-        check=True, capture_output=True, cwd=ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "scripts/convert_visual_weights.py"),
+            "--backbone",
+            spec,
+            "--kwargs",
+            __import__("json").dumps(kwargs),
+            "--input",
+            str(tmp_path / "clip.pt"),
+            "--output",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
     from safetensors.torch import load_file
 
     converted = load_file(str(out))
@@ -238,8 +254,11 @@ def test_converter_takes_the_image_tower_of_a_clip_checkpoint(tmp_path):
 def _convert(*argv: str):
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts/convert_visual_weights.py"), *argv],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
 
 
 def test_converter_errors_are_one_line_with_status_2(tmp_path):

@@ -33,10 +33,17 @@ N_HEADS, N_KV_HEADS = 4, 2
 def hf_config(**overrides) -> LlamaConfig:
     """Tiny LLaMA with grouped-query attention (4 query heads share 2 KV heads), untied head, fp32."""
     values = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-        num_attention_heads=N_HEADS, num_key_value_heads=N_KV_HEADS, max_position_embeddings=128,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, attention_dropout=0.0,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=N_HEADS,
+        num_key_value_heads=N_KV_HEADS,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
+    )
     values.update(overrides)
     return LlamaConfig(**values)
 

@@ -63,9 +63,14 @@ class _Examples(torch.utils.data.Dataset):
 
 def _trainer(model, tmp_path, **cfg):
     config = TrainConfig(
-        output_dir=tmp_path, lr=LR, weight_decay=WEIGHT_DECAY, max_iters=100, save_interval=0, tensorboard=False,
+        output_dir=tmp_path,
+        lr=LR,
+        weight_decay=WEIGHT_DECAY,
+        max_iters=100,
+        save_interval=0,
+        tensorboard=False,
         **cfg,
-    )  # fmt: skip
+    )
     trainer = Trainer(model, model.args, _Examples(), config)
     grads = {}  # what AdamW is given (after clipping)
     trainer.optimizer.register_step_pre_hook(

@@ -56,9 +56,13 @@ def _reference(folder, messages, **kw):
 
 
 @pytest.mark.parametrize(
-    "kind, name, text", [("llama3_json", "llama3", LLAMA3_TEXT), ("llama3_tiktoken", "llama3", LLAMA3_TEXT),
-                         ("llama2", "llama2", LLAMA2_TEXT)],
-)  # fmt: skip
+    "kind, name, text",
+    [
+        ("llama3_json", "llama3", LLAMA3_TEXT),
+        ("llama3_tiktoken", "llama3", LLAMA3_TEXT),
+        ("llama2", "llama2", LLAMA2_TEXT),
+    ],
+)
 def test_conversation_ids_equal_transformers_apply_chat_template(files, kind, name, text):
     tok = Tokenizer(files[kind])
     fmt = chat_format_for(tok)
@@ -90,8 +94,14 @@ def test_the_format_is_chosen_from_the_tokenizer(files, tmp_path):
 
 
 def _conversation_data(tmp_path):
-    records = [{"conversations": [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in
-                                  enumerate(["Hello!", "Hi. How can I help?", "What is 2+2?", "4 😀"])]}]  # fmt: skip
+    records = [
+        {
+            "conversations": [
+                {"from": "human" if i % 2 == 0 else "gpt", "value": v}
+                for i, v in enumerate(["Hello!", "Hi. How can I help?", "What is 2+2?", "4 😀"])
+            ]
+        }
+    ]
     path = tmp_path / "conv.json"
     path.write_text(json.dumps(records))
     alpaca = tmp_path / "alpaca.json"
@@ -106,8 +116,10 @@ def test_training_data_puts_only_the_answers_and_their_end_tokens_in_the_loss(fi
     tok = ds.tokenizer
     end = tok.token_id("<|eot_id|>") if kind.startswith("llama3") else tok.eos_id
     tokens, labels = (t.tolist() for t in ds[0])
-    messages = [{"role": r, "content": c} for r, c in
-                zip(["user", "assistant"] * 2, ["Hello!", "Hi. How can I help?", "What is 2+2?", "4 😀"])]  # fmt: skip
+    messages = [
+        {"role": r, "content": c}
+        for r, c in zip(["user", "assistant"] * 2, ["Hello!", "Hi. How can I help?", "What is 2+2?", "4 😀"])
+    ]
     assert tokens == _reference(files[kind], messages)[1]  # the whole conversation as transformers renders it
     answers = [t for t, lab in zip(tokens, labels) if lab != IGNORE_INDEX]
     assert [t for t, lab in zip(tokens, labels) if lab != IGNORE_INDEX] == [

@@ -30,11 +30,15 @@ ALPACA = [
     {"instruction": "Say hello.", "output": "Hello! How can I help you today?"},  # no input field: fine
 ]
 CONVERSATION = [
-    {"conversations": [
-        {"from": "human", "value": "Hi!"}, {"from": "gpt", "value": "Hello! How can I help you today?"},
-        {"from": "human", "value": "What sound does a cow make?"}, {"from": "gpt", "value": "A cow says moo."},
-    ]},
-]  # fmt: skip
+    {
+        "conversations": [
+            {"from": "human", "value": "Hi!"},
+            {"from": "gpt", "value": "Hello! How can I help you today?"},
+            {"from": "human", "value": "What sound does a cow make?"},
+            {"from": "gpt", "value": "A cow says moo."},
+        ]
+    },
+]
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +109,12 @@ def test_bad_records_are_reported_with_file_and_index_and_skipped(tmp_path, tok,
     assert len(good) == 2
     message = caplog.text
     assert str(path) in message and "skipped 4 of 6" in message
-    for expected in ("[1]: missing field 'output'", "[2]: field 'instruction' must be a string, got int",
-                     "[3]: field 'output' is empty", "[4]: expected an object"):  # fmt: skip
+    for expected in (
+        "[1]: missing field 'output'",
+        "[2]: field 'instruction' must be a string, got int",
+        "[3]: field 'output' is empty",
+        "[4]: expected an object",
+    ):
         assert expected in message
     with pytest.raises(DataError, match=r"mixed\.json: 4 of 6 alpaca record\(s\) are bad: \[1\]: missing"):
         read_source(DataSource(path, "alpaca"), strict=True)

@@ -93,12 +93,19 @@ def test_timm_vit_tiny_preprocessing_is_timms_own(pictures):
 def test_a_pretrained_tag_brings_its_own_preprocessing(pictures):
     # CLIPA's release squashes, resizes bilinear and normalizes with ImageNet's mean: known from open_clip's
     # registry of pretrained tags, not from the model config (tiny overrides keep the build fast)
-    kwargs = {"vision_cfg": {"image_size": 48, "patch_size": 16, "width": 32, "head_width": 16, "layers": 1},
-              "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}  # fmt: skip
+    kwargs = {
+        "vision_cfg": {"image_size": 48, "patch_size": 16, "width": 32, "head_width": 16, "layers": 1},
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
+    }
     _, preprocess = create_backbone("open_clip:ViT-L-14-CLIPA.datacomp1b", kwargs)
     assert preprocess.resize == "squash" and preprocess.interpolation == "bilinear" and preprocess.size == (48, 48)
-    cfg = {"size": 48, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "interpolation": "bilinear",
-           "resize_mode": "squash"}  # fmt: skip
+    cfg = {
+        "size": 48,
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "interpolation": "bilinear",
+        "resize_mode": "squash",
+    }
     _assert_same(pictures, preprocess, _open_clip_reference(cfg))
     _, clip_tag = create_backbone("timm:vit_base_patch16_clip_224.openai", {"depth": 1})
     assert clip_tag.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
@@ -119,8 +126,15 @@ def test_a_pretrained_tag_brings_its_own_preprocessing(pictures):
     ],
 )
 def test_every_open_clip_resize_mode_matches(pictures, cfg):
-    full = {"mode": "RGB", "mean": (0.48, 0.45, 0.4), "std": (0.26, 0.26, 0.27), "interpolation": "bicubic",
-            "resize_mode": "shortest", "fill_color": 0, **cfg}  # fmt: skip
+    full = {
+        "mode": "RGB",
+        "mean": (0.48, 0.45, 0.4),
+        "std": (0.26, 0.26, 0.27),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+        "fill_color": 0,
+        **cfg,
+    }
     _assert_same(pictures, open_clip_preprocess(full), _open_clip_reference(full))
 
 
@@ -176,8 +190,9 @@ def _huge_png(path: Path, width: int, height: int) -> None:
         return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
 
     header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])  # 8-bit gray
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) +
-                     chunk(b"IEND", b""))  # fmt: skip
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
 
 
 def bad_images(root: Path) -> dict[str, tuple[Path, str]]:
@@ -204,8 +219,9 @@ def bad_images(root: Path) -> dict[str, tuple[Path, str]]:
 
 
 def test_every_unreadable_or_oversized_image_is_an_image_error_naming_the_file(tmp_path):
-    _, preprocess = create_backbone("timm:vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1,
-                                                                  "embed_dim": 48, "num_heads": 2})  # fmt: skip
+    _, preprocess = create_backbone(
+        "timm:vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 2}
+    )
     for name, (path, reason) in bad_images(tmp_path / "bad").items():
         with pytest.raises(ImageError, match=reason) as caught:
             load_image(path, preprocess)

@@ -192,8 +192,12 @@ def test_stop_is_asked_before_each_token_is_yielded(model):
 
     asked: list[int] = []
     n = 0
-    for step in decode(model, [LOOPING], SamplingParams(max_new_tokens=30, draft_tokens=6),
-                       stop=lambda _i, ids: asked.append(len(ids)) or False):  # fmt: skip
+    for step in decode(
+        model,
+        [LOOPING],
+        SamplingParams(max_new_tokens=30, draft_tokens=6),
+        stop=lambda _i, ids: asked.append(len(ids)) or False,
+    ):
         n += 1
         assert step[0] is not None and asked[-1] == n
     assert n == 30

@@ -68,8 +68,9 @@ def test_tiktoken_ids_equal_tiktoken_and_transformers(files):
 
     path = files["tiktoken"] / "tokenizer.model"
     ranks = load_tiktoken_bpe(str(path))  # tiktoken's own reader of the file
-    ref = tiktoken.Encoding("ref", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
-                            special_tokens=llama3_special_tokens(len(ranks)))  # fmt: skip
+    ref = tiktoken.Encoding(
+        "ref", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=llama3_special_tokens(len(ranks))
+    )
     ours = Tokenizer(path)
     assert ours.kind == "tiktoken" and ours.vocab_size == ref.n_vocab == len(ranks) + 256
     hf = AutoTokenizer.from_pretrained(files["tiktoken"])  # transformers converts tiktoken ranks itself

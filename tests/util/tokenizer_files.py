@@ -59,10 +59,12 @@ def llama3_json(folder: Path, *, config: bool = True, vocab_size: int = 420) -> 
 
     folder.mkdir(parents=True, exist_ok=True)
     tk = RustTokenizer(BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])  # fmt: skip
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
@@ -71,15 +73,25 @@ def llama3_json(folder: Path, *, config: bool = True, vocab_size: int = 420) -> 
     specials = llama3_special_tokens(tk.get_vocab_size())
     tk.add_special_tokens(list(specials))  # numbered after the vocabulary, as in Llama 3 (128000...)
     bos = specials["<|begin_of_text|>"]
-    tk.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
-                                      special_tokens=[("<|begin_of_text|>", bos)]),
-    ])  # fmt: skip
+    tk.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single="<|begin_of_text|> $A",
+                pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+                special_tokens=[("<|begin_of_text|>", bos)],
+            ),
+        ]
+    )
     tk.save(str(folder / "tokenizer.json"))
     if config:
-        _write_config(folder, tokenizer_class="PreTrainedTokenizerFast", bos_token="<|begin_of_text|>",
-                      eos_token="<|end_of_text|>", chat_template=LLAMA3_TEMPLATE)  # fmt: skip
+        _write_config(
+            folder,
+            tokenizer_class="PreTrainedTokenizerFast",
+            bos_token="<|begin_of_text|>",
+            eos_token="<|end_of_text|>",
+            chat_template=LLAMA3_TEMPLATE,
+        )
     return folder
 
 
@@ -100,13 +112,24 @@ def llama3_tiktoken(folder: Path, json_folder: Path, *, config: bool = True) -> 
     (folder / "tokenizer.model").write_text("\n".join(lines) + "\n")
     if config:
         added = {
-            str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
-                     "single_word": False}
+            str(i): {
+                "content": t,
+                "special": True,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "single_word": False,
+            }
             for t, i in llama3_special_tokens(len(vocab)).items()
-        }  # fmt: skip
-        _write_config(folder, tokenizer_class="PreTrainedTokenizerFast", bos_token="<|begin_of_text|>",
-                      eos_token="<|end_of_text|>", chat_template=LLAMA3_TEMPLATE,
-                      added_tokens_decoder=added)  # fmt: skip
+        }
+        _write_config(
+            folder,
+            tokenizer_class="PreTrainedTokenizerFast",
+            bos_token="<|begin_of_text|>",
+            eos_token="<|end_of_text|>",
+            chat_template=LLAMA3_TEMPLATE,
+            added_tokens_decoder=added,
+        )
     return folder
 
 
@@ -116,6 +139,14 @@ def llama2_sentencepiece(folder: Path, *, config: bool = True) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     train_tokenizer(TEXTS * 20, folder / "tokenizer.model", vocab_size=420, llama_normalization=True)
     if config:
-        _write_config(folder, tokenizer_class="LlamaTokenizer", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                      add_bos_token=True, legacy=True, chat_template=LLAMA2_TEMPLATE)  # fmt: skip
+        _write_config(
+            folder,
+            tokenizer_class="LlamaTokenizer",
+            bos_token="<s>",
+            eos_token="</s>",
+            unk_token="<unk>",
+            add_bos_token=True,
+            legacy=True,
+            chat_template=LLAMA2_TEMPLATE,
+        )
     return folder

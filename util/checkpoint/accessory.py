@@ -41,17 +41,33 @@ _PREFIX = "llma."
 
 # Accessory's projections: column-parallel (split on output rows) or row-parallel (split on input columns).
 _STYLE = {
-    "attention.wq": "column", "attention.wk": "column", "attention.wv": "column", "attention.wo": "row",
-    "feed_forward.w1": "column", "feed_forward.w3": "column", "feed_forward.w2": "row",
-}  # fmt: skip
+    "attention.wq": "column",
+    "attention.wk": "column",
+    "attention.wv": "column",
+    "attention.wo": "row",
+    "feed_forward.w1": "column",
+    "feed_forward.w3": "column",
+    "feed_forward.w2": "row",
+}
 _ALL_TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
 _LLAMA_TYPES = ("llama", "llama_peft")
 
 # Accessory's ModelArgs fields that are this project's under the same name and meaning.
 _SAME = (
-    "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps",
-    "rope_theta", "max_batch_size", "max_seq_len", "bias_tuning", "norm_tuning",
-)  # fmt: skip
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "vocab_size",
+    "multiple_of",
+    "ffn_dim_multiplier",
+    "norm_eps",
+    "rope_theta",
+    "max_batch_size",
+    "max_seq_len",
+    "bias_tuning",
+    "norm_tuning",
+)
 # llama_peft's defaults, for a config.json that leaves them out (Accessory writes every field).
 _PEFT_DEFAULTS = {"lora_rank": -1, "bias_tuning": True, "norm_tuning": True}
 
@@ -84,8 +100,11 @@ def split_dim(key: str) -> int | None | str:
     p = _projection(key)
     if p is not None and p[2] != "weight":
         column = _STYLE[p[1]] == "column"
-        return {"lora.lora_a": None if column else 1, "lora.lora_b": 0 if column else None,
-                "bias_tune.bias": 0 if column else None}.get(p[2], UNKNOWN)  # fmt: skip
+        return {
+            "lora.lora_a": None if column else 1,
+            "lora.lora_b": 0 if column else None,
+            "bias_tune.bias": 0 if column else None,
+        }.get(p[2], UNKNOWN)
     return meta_rule(key)
 
 

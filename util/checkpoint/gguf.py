@@ -22,15 +22,22 @@ import torch
 from util.checkpoint.errors import CheckpointError
 from util.checkpoint.reader import CheckpointFormat, CheckpointReader, Layout, Piece, merge_layout
 
-_TOP = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
-        "output.weight": "output.weight"}  # fmt: skip
+_TOP = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
 _LAYER = {
-    "attn_q.weight": "attention.wq.weight", "attn_k.weight": "attention.wk.weight",
-    "attn_v.weight": "attention.wv.weight", "attn_output.weight": "attention.wo.weight",
-    "ffn_gate.weight": "feed_forward.w1.weight", "ffn_down.weight": "feed_forward.w2.weight",
-    "ffn_up.weight": "feed_forward.w3.weight", "attn_norm.weight": "attention_norm.weight",
+    "attn_q.weight": "attention.wq.weight",
+    "attn_k.weight": "attention.wk.weight",
+    "attn_v.weight": "attention.wv.weight",
+    "attn_output.weight": "attention.wo.weight",
+    "ffn_gate.weight": "feed_forward.w1.weight",
+    "ffn_down.weight": "feed_forward.w2.weight",
+    "ffn_up.weight": "feed_forward.w3.weight",
+    "attn_norm.weight": "attention_norm.weight",
     "ffn_norm.weight": "ffn_norm.weight",
-}  # fmt: skip
+}
 _BLK_RE = re.compile(r"blk\.(\d+)\.(.+)")
 # llama.* metadata -> ModelArgs field; the first group must be present
 _REQUIRED = {

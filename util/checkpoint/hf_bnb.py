@@ -53,9 +53,12 @@ def _quantization_config(path: Path) -> dict[str, Any] | None:
 
 
 def renest_absmax(
-    absmax: torch.Tensor, nested_absmax: torch.Tensor, nested_code: torch.Tensor, offset: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor,
+    nested_code: torch.Tensor,
+    offset: torch.Tensor,
     order: torch.Tensor,
-) -> dict[str, torch.Tensor]:  # fmt: skip
+) -> dict[str, torch.Tensor]:
     """Double-quantized 4-bit block scales put into a new block `order`: dequantized exactly as bitsandbytes'
     dequantize_4bit does (code[absmax] * nested_absmax[group] + offset, fp32), reordered, and double-quantized again
     as this project's quantizer does (offset = mean, 8-bit blockwise in groups of 256)."""
@@ -231,9 +234,12 @@ class HFBnbReader(CheckpointReader):
         def load() -> torch.Tensor:
             if key not in self._renested:
                 self._renested[key] = renest_absmax(
-                    raw["absmax"].load(), raw["nested_absmax"].load(), raw["nested_quant_map"].load(),
-                    raw["nested_offset"].load().reshape(()), order,
-                )  # fmt: skip
+                    raw["absmax"].load(),
+                    raw["nested_absmax"].load(),
+                    raw["nested_quant_map"].load(),
+                    raw["nested_offset"].load().reshape(()),
+                    order,
+                )
             return self._renested[key][n]
 
         def release() -> None:

@@ -221,9 +221,17 @@ _META_KEY = re.compile(
 
 # Meta's params.json keys (llama / llama-models reference code): other LLaMA code reads these and nothing else.
 META_PARAMS_KEYS = (
-    "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps",
-    "rope_theta", "use_scaled_rope",
-)  # fmt: skip
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "vocab_size",
+    "multiple_of",
+    "ffn_dim_multiplier",
+    "norm_eps",
+    "rope_theta",
+    "use_scaled_rope",
+)
 # Written beside params.json in EXTRA_PARAMS_FILE: settings Meta's file has no key for that do not change the
 # weights' math elsewhere (this project's reader merges them back).
 EXTRA_PARAMS_KEYS = ("max_seq_len", "bos_token_id", "eos_token_id", "pad_token_id")

@@ -35,18 +35,38 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 
 _MODULES = {
-    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-    "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.up_proj": "feed_forward.w3",
     "mlp.down_proj": "feed_forward.w2",
-}  # fmt: skip
+}
 _KEY_RE = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn\.\w+|mlp\.\w+)\.lora_([AB])\.weight")
 
 # Fields that do not change what a saved adapter computes: bookkeeping, and initialization-only settings.
 _IGNORED = {
-    "base_model_name_or_path", "revision", "task_type", "inference_mode", "auto_mapping", "peft_version",
-    "megatron_core", "qalora_group_size", "init_lora_weights", "eva_config", "corda_config", "lora_ga_config",
-    "lora_dropout", "use_rslora", "peft_type", "r", "lora_alpha", "target_modules", "bias",
-}  # fmt: skip
+    "base_model_name_or_path",
+    "revision",
+    "task_type",
+    "inference_mode",
+    "auto_mapping",
+    "peft_version",
+    "megatron_core",
+    "qalora_group_size",
+    "init_lora_weights",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "lora_dropout",
+    "use_rslora",
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "bias",
+}
 
 
 def _is_default(v: Any) -> bool:
@@ -78,8 +98,9 @@ def _params(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
         )
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
     if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)):
-        raise CheckpointError(f"{where}: expected a positive integer r and a number lora_alpha, got r={r!r}, "
-                              f"lora_alpha={alpha!r}")  # fmt: skip
+        raise CheckpointError(
+            f"{where}: expected a positive integer r and a number lora_alpha, got r={r!r}, lora_alpha={alpha!r}"
+        )
     targets = cfg.get("target_modules")
     if isinstance(targets, list):
         known = {m.split(".")[-1] for m in _MODULES}
@@ -103,8 +124,15 @@ class PeftReader(CheckpointReader):
         self._file = SafetensorsFile(weights)
         self._where: dict[str, str] = {}  # our key -> stored name
         self._heads: dict[str, int] | None = None
-        short = {"attention.wq": "wq", "attention.wk": "wk", "attention.wv": "wv", "attention.wo": "wo",
-                 "feed_forward.w1": "w1", "feed_forward.w2": "w2", "feed_forward.w3": "w3"}  # fmt: skip
+        short = {
+            "attention.wq": "wq",
+            "attention.wk": "wk",
+            "attention.wv": "wv",
+            "attention.wo": "wo",
+            "feed_forward.w1": "w1",
+            "feed_forward.w2": "w2",
+            "feed_forward.w3": "w3",
+        }
         targets: set[str] = set()
         for name, e in self._file.entries.items():
             m = _KEY_RE.fullmatch(name)
@@ -168,8 +196,9 @@ class PeftReader(CheckpointReader):
         e = f.entries[name]
         heads = self._heads_of(key)
         if heads is None:
-            piece = Piece(str(f.path), e.shape, e.dtype, lambda: f.tensor(name), lambda: f.release(name),
-                          (str(f.path), e.begin))  # fmt: skip
+            piece = Piece(
+                str(f.path), e.shape, e.dtype, lambda: f.tensor(name), lambda: f.release(name), (str(f.path), e.begin)
+            )
         else:
 
             def load() -> torch.Tensor:

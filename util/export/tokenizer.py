@@ -150,8 +150,10 @@ class SentencePieceExport(TokenizerExport):
             scores = [(p, -1e9 if never[i] else float(self.sp.GetScore(i))) for i, p in enumerate(pieces)]
             model = models.Unigram(scores, unk_id=self.unk_id, byte_fallback=True)
         else:
-            raise ValueError(f"{self.path}: sentencepiece model type {proto.trainer_spec.model_type} (not BPE or "
-                             "unigram) cannot be exported to Hugging Face")  # fmt: skip
+            raise ValueError(
+                f"{self.path}: sentencepiece model type {proto.trainer_spec.model_type} (not BPE or "
+                "unigram) cannot be exported to Hugging Face"
+            )
         tok = Tokenizer(model)
         steps = [normalizers.Replace(" ", "▁")]
         if proto.normalizer_spec.add_dummy_prefix:

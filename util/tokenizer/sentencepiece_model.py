@@ -21,8 +21,9 @@ class SentencePieceBackend:
             raise ValueError(f"{path}: not a sentencepiece model ({e})") from None
         self.vocab_size = self.sp.vocab_size()
         # sentencepiece answers -1 for a disabled bos/eos/pad
-        self.bos_id, self.eos_id, self.pad_id = (i if i >= 0 else None for i in (self.sp.bos_id(), self.sp.eos_id(),
-                                                                                 self.sp.pad_id()))  # fmt: skip
+        self.bos_id, self.eos_id, self.pad_id = (
+            i if i >= 0 else None for i in (self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id())
+        )
         self.add_bos = True  # Meta's LLaMA 1/2 prepend bos to every prompt
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
@@ -60,10 +61,21 @@ def train_tokenizer(
     llama = {"normalization_rule_name": "identity", "remove_extra_whitespaces": False, "split_digits": True}
     normalization = llama if llama_normalization else {}
     spm.SentencePieceTrainer.Train(
-        sentence_iterator=iter(list(texts)), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-        character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        hard_vocab_limit=False, num_threads=os.cpu_count() or 1, minloglevel=2, **normalization,
-    )  # fmt: skip
+        sentence_iterator=iter(list(texts)),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=1.0,
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        hard_vocab_limit=False,
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+        **normalization,
+    )
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, out)

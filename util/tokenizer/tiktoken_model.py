@@ -19,9 +19,19 @@ NUM_SPECIAL = 256
 def llama3_special_tokens(base: int) -> dict[str, int]:
     """Llama 3.1's special tokens numbered from `base` (the number of ranks). Llama 3.0 named ids base+4, +5, +8
     and +10 reserved tokens instead; the tokens the chat format uses (begin/end of text, headers, eot) agree."""
-    named = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-             "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
-             "<|eot_id|>", "<|python_tag|>"]  # fmt: skip
+    named = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|reserved_special_token_0|>",
+        "<|reserved_special_token_1|>",
+        "<|finetune_right_pad_id|>",
+        "<|step_id|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eom_id|>",
+        "<|eot_id|>",
+        "<|python_tag|>",
+    ]
     reserved = [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + NUM_SPECIAL - len(named))]
     return {token: base + i for i, token in enumerate(named + reserved)}
 
