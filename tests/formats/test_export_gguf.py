@@ -4,6 +4,7 @@ converter produces from a Hugging Face checkpoint, the llama metadata and the to
 
 from __future__ import annotations
 
+import gguf as gguf
 import numpy as np
 import pytest
 import sentencepiece as spm
@@ -16,7 +17,6 @@ from util.checkpoint import CheckpointError, model_state
 from util.export.gguf import gguf_name, llama3_rope_factors, write_gguf
 from util.export.tokenizer import tokenizer_export
 
-gguf = pytest.importorskip("gguf")
 T = gguf.GGMLQuantizationType
 
 

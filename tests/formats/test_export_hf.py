@@ -7,14 +7,13 @@ import json
 
 import pytest
 import torch
+import transformers as transformers
 from safetensors import safe_open
 
 from tests.formats.conftest import our_logits, tokens
 from util.build import build_model
 from util.checkpoint import hf_permute_qk
 from util.tokenizer import Tokenizer
-
-transformers = pytest.importorskip("transformers")
 
 STRINGS = [
     "Hello world",

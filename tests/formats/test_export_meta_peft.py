@@ -17,8 +17,8 @@ from util.checkpoint import CheckpointError, open_checkpoint, save_checkpoint
 from util.checkpoint.modules import META_PARAMS_KEYS, meta_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+import peft as peft
+import transformers as transformers
 
 
 def _hf_converter_intermediate_size(p: dict) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import gguf as gguf
 import pytest
 
 from tests.helpers import params_of, random_state_dict, tiny_args
@@ -15,7 +16,6 @@ from util.export import convert
 from util.export.tokenizer import HFJsonExport, TiktokenExport, tokenizer_export
 from util.tokenizer import Tokenizer
 
-gguf = pytest.importorskip("gguf")
 VOCAB = 704  # rows: more than the fixtures' 420 + 256 special tokens
 MORE_TEXTS = [*TEXTS, " leading space", "trailing  \n", "x", "😀😀 中文 \r\n\r\n end", "'s 've 'LL 1234567"]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 
+import gguf as gguf
 import numpy as np
 import pytest
 import torch
@@ -16,8 +17,6 @@ from tests.helpers import params_of, random_state_dict, tiny_args
 from util.build import build_model
 from util.checkpoint import CheckpointError, model_state, open_checkpoint, write_meta_checkpoint
 from util.checkpoint.gguf import meta_name
-
-gguf = pytest.importorskip("gguf")
 
 
 def _logits(path) -> torch.Tensor:

@@ -11,15 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf as gguf
 import pytest
 import torch
+import transformers as transformers
 
 from util.build import build_model
 from util.export import convert
 from util.tokenizer import Tokenizer
 
-transformers = pytest.importorskip("transformers")
-gguf = pytest.importorskip("gguf")
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 import make_llama3_like  # noqa: E402
