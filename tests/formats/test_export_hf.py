@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 import transformers as transformers
 from safetensors import safe_open
@@ -98,7 +97,6 @@ def test_bf16_export_is_the_rounded_weights(base, export):
 
 
 def test_hf_4bit_export_loads_packed_in_transformers(base, export):
-    pytest.importorskip("bitsandbytes")
     _, _, base_dir = base
     out = export("hf-4bit", [base_dir], to="hf", quant="4bit", dtype="bfloat16")
     config = json.loads((out / "config.json").read_text())
