@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -30,6 +29,7 @@ sys.path.insert(0, str(REPO))
 from util.checkpoint import write_hf_checkpoint  # noqa: E402
 from util.checkpoint.files import publish_dir, write_json  # noqa: E402
 from util.export.tokenizer import tokenizer_export  # noqa: E402
+from util.tokenizer import train_tokenizer  # noqa: E402
 
 # Llama 3.2's RoPE scaling as its config.json states it, except the original context: theirs is 8192 of 131072
 # positions; here it is a quarter of --max_seq_len (transformers wants it below max_position_embeddings).
@@ -44,30 +44,6 @@ def bundled_texts() -> list[str]:
             texts += [v for v in record.values() if isinstance(v, str) and v]
             texts += [turn["value"] for turn in record.get("conversations", [])]
     return texts
-
-
-def train_tokenizer(out: Path, vocab_size: int) -> None:
-    import sentencepiece as spm
-
-    spm.SentencePieceTrainer.Train(
-        sentence_iterator=iter(bundled_texts()),
-        model_prefix=str(out / "tokenizer"),
-        vocab_size=vocab_size,
-        model_type="bpe",
-        character_coverage=1.0,
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        hard_vocab_limit=False,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        num_threads=os.cpu_count() or 1,
-        minloglevel=2,
-    )
-    (out / "tokenizer.vocab").unlink(missing_ok=True)
 
 
 def random_weights(params: dict, vocab: int, seed: int) -> dict[str, torch.Tensor]:
@@ -112,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        train_tokenizer(tmp, a.vocab_size)
+        # like Meta's: no normalization, spaces kept, digits split, byte fallback
+        train_tokenizer(bundled_texts(), tmp / "tokenizer.model", vocab_size=a.vocab_size, llama_normalization=True)
         tok = tokenizer_export(tmp / "tokenizer.model")
         vocab = tok.sp.GetPieceSize()
         params = {

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import pytest
-import sentencepiece as spm
 import torch
 
 from model.args import ModelArgs
@@ -12,6 +11,7 @@ from tests.helpers import params_of, random_state_dict, tiny_args
 from util.build import build_model
 from util.checkpoint import save_model, write_meta_checkpoint
 from util.export import convert
+from util.tokenizer import train_tokenizer
 
 TEXTS = [
     "Hello world, this is a test of the tokenizer.",
@@ -32,24 +32,7 @@ def tokenizer_path(fmt_dir):
     """Trained like Meta's: no normalization, spaces kept, byte fallback, unk/bos/eos = 0/1/2."""
     d = fmt_dir / "tok"
     d.mkdir()
-    spm.SentencePieceTrainer.Train(
-        sentence_iterator=iter(TEXTS),
-        model_prefix=str(d / "tokenizer"),
-        vocab_size=360,
-        model_type="bpe",
-        character_coverage=1.0,
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        hard_vocab_limit=False,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        minloglevel=2,
-    )
-    return d / "tokenizer.model"
+    return train_tokenizer(TEXTS, d / "tokenizer.model", vocab_size=360, llama_normalization=True).path
 
 
 def _args(**kw) -> ModelArgs:
