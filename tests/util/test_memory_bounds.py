@@ -23,6 +23,9 @@ from util.lazy_init import materialize_and_load, meta_init
 
 REPO = Path(__file__).resolve().parents[2]
 SLACK = 48 << 20  # allocator rounding, one layer's read-ahead and temporaries, python objects of the plan
+# From init, each weight is drawn in fp32 blocks and quantized: measured 34-53 MiB over the model bytes here (the
+# larger under load), so a wider slack; a missing page release (the bug this bounds) costs a whole checkpoint.
+SLACK_INIT = 72 << 20
 # 8 layers of dim 1024 (MHA) and SwiGLU 2816, vocab 4096: 111 M parameters, 222 MB in bf16, ~70 MB at nf4
 SHAPE = dict(dim=1024, n_layers=8, n_heads=8, vocab_size=4096, ffn_hidden_dim=2816, max_seq_len=64)
 
@@ -77,11 +80,11 @@ def checkpoints(tmp_path_factory):
     return root
 
 
-def _assert_bounded(m: dict, what: str) -> None:
+def _assert_bounded(m: dict, what: str, slack: int = SLACK) -> None:
     growth = m["peak"] - m["bare"]
     mib = lambda n: f"{n / 2**20:.0f} MiB"  # noqa: E731
-    assert growth <= m["model_bytes"] + SLACK, (
-        f"{what}: grew {mib(growth)} over the bare process for a model of {mib(m['model_bytes'])} (slack {mib(SLACK)})"
+    assert growth <= m["model_bytes"] + slack, (
+        f"{what}: grew {mib(growth)} over the bare process for a model of {mib(m['model_bytes'])} (slack {mib(slack)})"
     )
 
 
@@ -99,7 +102,7 @@ def test_building_grows_by_the_model_bytes_and_a_slack(checkpoints, flow, source
     m = _child("build", ckpts=[checkpoints / source] if source else [], quant=quant)
     expected_bytes = 200e6 if quant == "none" else 60e6  # the bound is meaningful: the model is that large
     assert m["model_bytes"] > expected_bytes
-    _assert_bounded(m, flow)
+    _assert_bounded(m, flow, SLACK if source else SLACK_INIT)
 
 
 def test_the_final_check_finds_a_tensor_left_on_meta():
