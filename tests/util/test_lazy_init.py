@@ -164,12 +164,13 @@ def test_checkpoint_values_cast_to_model_dtype_and_pages_released(ckpt, monkeypa
     assert report.model_bytes == sum(v.numel() * 2 for v in sd.values()) + 2 * 4 * (
         args.max_seq_len * args.head_dim // 2
     )
-    # the peak of this materialization, in bytes: at least what the process holds now (the model is alive), at most
-    # the process's lifetime peak (tests/util/test_memory_bounds.py bounds the growth itself)
+    # the peak of this materialization, in bytes: about what the process holds now (the model is alive; the interpreter
+    # may have touched a few more pages since, CI saw one 4 KiB page), at most the process's lifetime peak
+    # (tests/util/test_memory_bounds.py bounds the growth itself). A unit slip (kB vs bytes) is off by 1000x.
     lifetime_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with open("/proc/self/status") as f:
         rss_now = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-    assert rss_now <= report.peak_rss <= lifetime_peak
+    assert rss_now - 2**20 <= report.peak_rss <= lifetime_peak
 
 
 @pytest.mark.parametrize("quant", ["4bit", "4bit_fp4", "8bit"])
