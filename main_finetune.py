@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import shlex
@@ -37,7 +38,7 @@ from util.export import convert
 from util.export.tokenizer import tokenizer_export
 from util.quickstart import DATA_CONFIG, QUICKSTART_DIR, prepare_quickstart
 from util.tokenizer import Tokenizer
-from util.train import PRECISIONS, TrainConfig, Trainer, config_from, resolve_resume
+from util.train import PRECISIONS, TrainConfig, Trainer, config_from, prepare_model, resolve_resume
 
 log = logging.getLogger("main_finetune")
 
@@ -256,9 +257,11 @@ def main(argv: list[str] | None = None) -> FinetuneResult | int:
             quant, dtype = build_settings(opts, args, cfg)
             if info.is_main:  # a read-only or full disk is reported now, not after the build and the first steps
                 out_lock.check_writable(output_dir, 2 * checkpoint_bytes(args, quant, cfg))
+            # FSDP: sharded on meta, so every rank allocates and reads only its rows of each parameter
+            shard = functools.partial(prepare_model, cfg=cfg, device=device) if cfg.data_parallel == "fsdp" else None
             with open_checkpoints(resume) as resumed:
                 model, _ = build_model(
-                    args, [*bases, *resumed], quant=quant, dtype=dtype, device=device, seed=opts.seed
+                    args, [*bases, *resumed], quant=quant, dtype=dtype, device=device, seed=opts.seed, shard=shard
                 )
         if opts.save_quantized:
             save_quantized_for_reuse(model, opts.save_quantized, log.info)

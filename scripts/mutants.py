@@ -28,6 +28,7 @@ BACKUP = REPO / ".mutants-backup"
 TRAIN_REF = "tests/reference/test_train_step.py"
 ROPE_INIT = "tests/reference/test_rope_and_init.py"
 MEMORY = "tests/util/test_memory_bounds.py"
+FSDP_BUILD = "tests/features/test_fsdp_build.py"
 HF_CONFIG = "tests/formats/test_hf_config.py"  # rope scaling against transformers' logits (h-cfg's tests)
 
 
@@ -262,6 +263,28 @@ MUTANTS = [
         "        _check_nothing_on_meta(model)  # 4. verify",
         "        pass  # 4. verify",
         (MEMORY, "-k", "meta"),
+    ),
+    # --- FSDP on the lazy path: each rank its rows (tests/features/test_fsdp_build.py) ---
+    Mutant(
+        "FSDP init: a shard keeps the first rows of the initialized tensor, not its own",
+        "util/lazy_init.py",
+        "                t.to_local().copy_(getattr(mp.module, name)[a:b])",
+        "                t.to_local().copy_(getattr(mp.module, name)[: b - a])",
+        (FSDP_BUILD, "-k", "dp2 and not mp2"),
+    ),
+    Mutant(
+        "FSDP load: rows counted from the start of the full tensor, not of this model-parallel slice",
+        "util/checkpoint/reader.py",
+        "                d, lo, hi = 0, lo + a, lo + b",
+        "                d, lo, hi = 0, a, b",
+        (FSDP_BUILD, "-k", "mp2"),
+    ),
+    Mutant(
+        "FSDP: the shard's rows as ceil-chunks from the end (another placement rule)",
+        "util/lazy_init.py",
+        "    a, b = min(rank * per, n), min((rank + 1) * per, n)",
+        "    a, b = max(n - (size - rank) * per, 0), n - (size - rank - 1) * per",
+        (FSDP_BUILD, "-k", "dp4"),
     ),
     Mutant(
         "finiteness checked in the first chunk only",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -86,12 +86,15 @@ def build_model(
     seed: int = 0,
     block_list: tuple[str, ...] = DEFAULT_BLOCK_LIST,
     strict: bool = True,
+    shard: Callable[[torch.nn.Module], object] | None = None,
 ) -> tuple[Transformer, LoadReport]:
     """Build a LLaMA model lazily: its memory is the memory of its (quantized) weights.
 
     args: the config; None takes it from the checkpoints by `model_config`'s rule. Meta's vocab_size=-1 is filled
     from the checkpoint's embedding. checkpoints: paths (opened and closed here) or open readers (left open for
-    their owner, e.g. an entry script's `open_checkpoints` block).
+    their owner, e.g. an entry script's `open_checkpoints` block). shard: applied to the finished model while it is
+    still on meta (util.train.prepare_model under FSDP: fully_shard per block), so that each rank then allocates
+    and reads only its own rows of every parameter.
     """
     with contextlib.ExitStack() as opened:  # paths are opened here and closed on leaving; readers stay open
         readers = [
@@ -120,6 +123,8 @@ def build_model(
             add_lora(model, args)
             add_bias_tuning(model, args)
         trainable = mark_trainable(model, args)
+        if shard is not None:  # data-parallel sharding (FSDP2) on meta: from here each rank holds its rows only
+            shard(model)
 
         # 4. allocate, fill (checkpoint or reset_parameters), quantize, release: one tensor at a time
         report = materialize_and_load(model, readers, device=device, seed=seed, strict=strict)

@@ -37,6 +37,11 @@ from util.checkpoint import CheckpointReader, open_checkpoint, packed_key
 from util.dist import position
 from util.quant import QUANT_MODES, NonFiniteWeight, QuantLinear, all_finite
 
+try:  # FSDP2's sharded parameters
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # a torch built without distributed: nothing can be sharded
+    DTensor = Shard = None
+
 log = logging.getLogger(__name__)
 
 # Keys some checkpoints carry that this model computes itself (Meta's rope table, HF's rotary inv_freq).
@@ -114,9 +119,36 @@ def _expected_full_shape(module: nn.Module, name: str, local: torch.Tensor, worl
     return tuple(shape)
 
 
+def is_sharded(t: torch.Tensor | None) -> bool:
+    """A data-parallel shard (an FSDP2 DTensor): this rank owns some rows of it."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """The rows this rank holds: the local tensor of a sharded parameter, the tensor itself otherwise."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def shard_rows(t: torch.Tensor, key: str = "") -> tuple[int, int]:
+    """Rows [a, b) of the full (model-parallel local) tensor this rank's shard of `t` holds. FSDP2 splits dim 0
+    as torch.chunk does: ceil(n / size) rows per rank, the last ranks short or empty."""
+    if len(t.placements) != 1 or t.placements[0] != Shard(0):
+        raise NotImplementedError(
+            f"{key or 'a tensor'} is sharded as {t.placements}; lazy materialization fills FSDP2's Shard(0) on a "
+            "1-D data-parallel mesh only"
+        )
+    n, size, rank = t.shape[0], t.device_mesh.size(), t.device_mesh.get_local_rank()
+    per = -(-n // size)
+    a, b = min(rank * per, n), min((rank + 1) * per, n)
+    if b - a != t.to_local().shape[0]:  # the placement rule changed under us: never fill the wrong rows
+        raise RuntimeError(f"{key}: shard rows [{a}, {b}) do not match its local shape {list(t.to_local().shape)}")
+    return a, b
+
+
 def _check_finite(key: str, t: torch.Tensor, where: str = "", chunk: int = 1 << 22) -> None:
-    # In chunks: a whole-tensor check would add temporaries of the tensor's size to the peak.
-    flat = t.detach().reshape(-1)
+    # In chunks: a whole-tensor check would add temporaries of the tensor's size to the peak. A shard: its rows
+    # (every rank checks its own; reshaping the DTensor would gather it).
+    flat = local_part(t).detach().reshape(-1)
     for lo in range(0, flat.numel(), chunk):
         if not all_finite(flat[lo : lo + chunk]):
             raise ValueError(f"tensor {key!r}{_in(where)} holds NaN or Inf after materialization")
@@ -474,9 +506,13 @@ class _Filler:
         return tp.source.read(tp.key, shard_dim=dim, rank=self.rank, world_size=self.world_size)
 
     def _load_into(self, module: nn.Module, tp: TensorPlan, out: torch.Tensor) -> None:
-        """Into `out`, cast to its dtype (read from the file where it can); then the pages are released."""
+        """Into `out`, cast to its dtype (read from the file where it can); then the pages are released. A shard
+        reads only its own rows of this model-parallel rank's slice."""
         dim = getattr(module, "shard_dims", {}).get(tp.name)
-        tp.source.read_into(tp.key, out, shard_dim=dim, rank=self.rank, world_size=self.world_size)
+        rows = shard_rows(out, tp.key) if is_sharded(out) else None
+        tp.source.read_into(
+            tp.key, local_part(out), shard_dim=dim, rank=self.rank, world_size=self.world_size, rows=rows
+        )
         tp.source.release(tp.key)
         self.report.loaded += 1
 
@@ -551,7 +587,14 @@ class _Filler:
     def _allocate(self, mp: ModulePlan) -> set[str]:
         """Fresh uninitialized storage on the device for every planned tensor; returns their names."""
         for tp in mp.todo:
-            new = _empty(tp.tensor.shape, tp.tensor.dtype, self.device)
+            if is_sharded(tp.tensor):  # this rank's rows only, wrapped as the same DTensor (FSDP2 adopts it)
+                t = tp.tensor
+                local = _empty(t.to_local().shape, t.dtype, self.device)
+                new = DTensor.from_local(
+                    local, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
+                )
+            else:
+                new = _empty(tp.tensor.shape, tp.tensor.dtype, self.device)
             if tp.is_param:
                 mp.module._parameters[tp.name] = nn.Parameter(new, requires_grad=tp.tensor.requires_grad)
             else:
@@ -573,9 +616,29 @@ class _Filler:
             for name, t, *_ in _direct_tensors(mp.module)
             if name not in fresh and not t.is_meta
         }
+        if any(is_sharded(t) for name, t, *_ in _direct_tensors(mp.module) if name in keep):
+            raise NotImplementedError(f"{mp.name}: a module with real and meta data-parallel shards cannot be reset")
+        # Sharded tensors are initialized whole (one module's tensors in flight) and keep their rows: the values
+        # are the unsharded build's for the same seed, whatever the data-parallel size.
+        shards = {name: t for name, t, *_ in _direct_tensors(mp.module) if name in fresh and is_sharded(t)}
+        for name, t in shards.items():
+            _swap(mp.module, name, _empty(t.shape, t.dtype, self.device))
         torch.manual_seed(module_seed(self.seed, mp.name))
         with torch.no_grad():
             init()
             for name, value in keep.items():
                 getattr(mp.module, name).copy_(value)
+            for name, t in shards.items():
+                a, b = shard_rows(t, _key(mp.name, name))
+                t.to_local().copy_(getattr(mp.module, name)[a:b])
+                _swap(mp.module, name, t)
         self.report.initialized += len(need_init)
+
+
+def _swap(module: nn.Module, name: str, t: torch.Tensor) -> None:
+    """Put `t` in place of the module's tensor `name`, as the same kind (parameter or buffer)."""
+    if name in module._parameters:
+        old = module._parameters[name]
+        module._parameters[name] = t if isinstance(t, nn.Parameter) else nn.Parameter(t, old.requires_grad)
+    else:
+        module._buffers[name] = t

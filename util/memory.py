@@ -83,6 +83,7 @@ def tensor_bytes(module: torch.nn.Module) -> int:
     for t in list(module.parameters()) + list(module.buffers()):
         if t.is_meta:
             continue
+        t = t.to_local() if hasattr(t, "to_local") else t  # an FSDP shard: the rows this process holds
         total += t.numel() * t.element_size()
         qs = getattr(t, "quant_state", None)
         if qs is not None:

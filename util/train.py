@@ -235,10 +235,12 @@ def wrap_ddp(model: nn.Module, group: dist.ProcessGroup | None, device: torch.de
 def wrap_fsdp(model: nn.Module, group: dist.ProcessGroup | None, device: torch.device) -> nn.Module:
     """FSDP2: every TransformerBlock, then the root, sharded across the data-parallel group."""
     from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     from model.llama import TransformerBlock
 
+    if isinstance(model, FSDPModule):  # sharded on meta by build_model (each rank materialized its rows)
+        return model
     quantized = [n for n, p in model.named_parameters() if not p.dtype.is_floating_point]
     if quantized:
         raise ValueError(

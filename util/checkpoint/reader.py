@@ -246,29 +246,49 @@ class CheckpointReader:
         return _assemble(layout, d, lo, hi)
 
     def read_into(
-        self, key: str, out: torch.Tensor, *, shard_dim: int | None = None, rank: int = 0, world_size: int = 1
+        self,
+        key: str,
+        out: torch.Tensor,
+        *,
+        shard_dim: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        rows: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """`out.copy_(self.read(...))`, cast to out's dtype - but where the slice is contiguous bytes of safetensors
-        files in out's dtype and `out` is a contiguous CPU tensor, its bytes are read from the file straight into
-        `out` (pread): no mapped pages, no page faults on the source, 2-3x faster than copying from the mapping.
-        Returns `out`.
+        """`out.copy_(self.read(...)[a:b])`, cast to out's dtype - but where the slice is contiguous bytes of
+        safetensors files in out's dtype and `out` is a contiguous CPU tensor, its bytes are read from the file
+        straight into `out` (pread): no mapped pages, no page faults on the source, 2-3x faster than copying from
+        the mapping. `rows` = (a, b): only rows [a, b) of this rank's slice (a data-parallel shard of it under
+        FSDP); the other rows are never touched. Returns `out`.
         """
         layout = self._layout(key, shard_dim)
         d, lo, hi = self._requested(key, layout.shape, shard_dim, rank, world_size)
         if world_size == 1:  # the whole tensor, whatever dim it would be split on (the embedding's is 1)
             d = None
+        if rows is not None:
+            a, b = rows
+            n = hi - lo if d == 0 else layout.shape[0]
+            if not 0 <= a <= b <= n:
+                raise CheckpointError(f"{self.path}: key {key!r}: rows [{a}, {b}) are not within its {n} rows")
+            if a == b:
+                return out
+            if d in (None, 0):  # the model-parallel slice is rows too: together one row range of the full tensor
+                d, lo, hi = 0, lo + a, lo + b
+            # (split on columns by model parallel and on rows by FSDP: no single byte range, read below)
         if self._direct_ok(key) and _pread_slice(layout, d, lo, hi, out):
             return out
         src = self.read(key, shard_dim=shard_dim, rank=rank, world_size=world_size)  # formats may transform here
+        if rows is not None:
+            src = src[rows[0] : rows[1]]  # a view: only these rows' pages are read
         with torch.no_grad():
             if src.dim() == 0 or src.nbytes <= READ_CHUNK_BYTES or src.shape != out.shape:
                 return out.copy_(src)
             # A view into the mapping (a cast, or columns of it under model parallel): copied a block of rows at a
             # time, the pages read so far given back after each, so the transient is one block, not the tensor
             # (a 128k-vocabulary embedding is 0.5-1 GB).
-            rows = max(1, READ_CHUNK_BYTES // max(1, src[0].nbytes))
-            for a in range(0, src.shape[0], rows):
-                out[a : a + rows].copy_(src[a : a + rows])
+            block = max(1, READ_CHUNK_BYTES // max(1, src[0].nbytes))
+            for a in range(0, src.shape[0], block):
+                out[a : a + block].copy_(src[a : a + block])
                 self.release(key)
             return out
 
