@@ -287,6 +287,16 @@ MUTANTS = [
         (FSDP_BUILD, "-k", "dp4"),
     ),
     Mutant(
+        "FSDP: sharded after materialization (every rank builds the whole model first, the flow before)",
+        "util/build.py",
+        "            shard(model)\n\n        # 4. allocate, fill (checkpoint or reset_parameters), quantize, release: "
+        "one tensor at a time\n        report = materialize_and_load(model, readers, device=device, seed=seed, "
+        "strict=strict)\n",
+        "            pass\n\n        report = materialize_and_load(model, readers, device=device, seed=seed, "
+        "strict=strict)\n        if shard is not None:\n            shard(model)\n",
+        (MEMORY, "-k", "fsdp"),
+    ),
+    Mutant(
         "finiteness checked in the first chunk only",
         "util/lazy_init.py",
         "    for lo in range(0, flat.numel(), chunk):",

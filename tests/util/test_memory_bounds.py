@@ -105,6 +105,32 @@ def test_building_grows_by_the_model_bytes_and_a_slack(checkpoints, flow, source
     _assert_bounded(m, flow, SLACK if source else SLACK_INIT)
 
 
+def _fsdp_rank(rank, ckpt: str) -> dict:
+    from model.args import ModelArgs
+    from util.build import build_model
+    from util.dist import dp_group, init_distributed, init_process_group
+    from util.train import wrap_fsdp
+
+    init_process_group()
+    init_distributed(1)
+    with open("/proc/self/status") as f:
+        bare = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    shard = lambda m: wrap_fsdp(m, dp_group(), torch.device("cpu"))  # noqa: E731
+    model, report = build_model(ModelArgs(**SHAPE), [ckpt], dtype=torch.bfloat16, shard=shard)
+    full = sum(p.numel() * p.element_size() for p in model.parameters())  # DTensor: the global size
+    return {"bare": bare, "peak": report.peak_rss, "model_bytes": report.model_bytes, "full_bytes": full}
+
+
+def test_fsdp_rank_grows_by_its_shard_not_the_model(checkpoints):
+    """Two ranks build the 222 MB model sharded by FSDP: each grows by about half of it (its rows, read straight
+    from the file) - not by the whole model, as a build before sharding would."""
+    from tests.multiprocess import run_multiprocess
+
+    for rank, m in enumerate(run_multiprocess(_fsdp_rank, 2, str(checkpoints / "bf16"))):
+        assert m["full_bytes"] > 200e6 and m["model_bytes"] < 0.51 * m["full_bytes"], m
+        _assert_bounded(m, f"FSDP rank {rank} of 2")
+
+
 def test_the_final_check_finds_a_tensor_left_on_meta():
     """Each module's tensors are checked as it is filled; a tensor that some later init leaves on meta in an
     already filled module (here a child's init registering a buffer on its parent) is caught by the last step of
