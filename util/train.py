@@ -251,7 +251,9 @@ def wrap_fsdp(model: nn.Module, group: dist.ProcessGroup | None, device: torch.d
     for module in model.modules():
         if isinstance(module, TransformerBlock):
             fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    # The root (embedding, final norm, head) stays gathered from its forward until backward: the chunked loss
+    # (util.loss) applies the head outside the model's forward.
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
     return model
 
 
@@ -624,14 +626,11 @@ class Trainer:
 
     def _micro_batch_loss(self, batch: tuple[torch.Tensor, ...], step_targets: int) -> torch.Tensor:
         tokens, labels, *images = (t.to(self.device, non_blocking=True) for t in batch)
-        with self._autocast():  # the head in chunks (util.loss); FSDP's root params exist only inside forward
+        # The head in chunks (util.loss), outside the model's forward: under FSDP2 the root module (embedding, norm,
+        # head) is not resharded after its forward, so the head's full weight is there until backward reshards it.
+        with self._autocast():
             loss_sum, _ = model_token_loss(
-                self.model,
-                unwrap(self.model),
-                tokens,
-                labels,
-                images=images[0] if images else None,
-                chunked=self.cfg.data_parallel != "fsdp",
+                self.model, unwrap(self.model), tokens, labels, images=images[0] if images else None
             )
         return loss_sum / max(step_targets, 1)
 
