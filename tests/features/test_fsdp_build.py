@@ -1,9 +1,10 @@
 """FSDP on the lazy path: the model is sharded by FSDP2 while still on meta, and each rank materializes only its
 rows of every parameter - read from the checkpoint rows it owns, or initialized whole by its module's
 reset_parameters (same seed) and cut to its rows. Checked against the unsharded build in the same process (real
-gloo groups: data parallel 2 and 4, data parallel 2 x model parallel 2), on every format path the rows can be read
-by (safetensors by pread, Meta's .pth through the mapping, nothing: init only), with uneven shards (a vocabulary
-of 306 rows: 77 + 77 + 77 + 75 at data parallel 4; 153 per model-parallel rank, 77 + 76 at dp 2 x mp 2)."""
+gloo groups: data parallel 2 and 4, data parallel 2 x model parallel 2), on every path the rows can be read by
+(safetensors by pread, Meta's .pth through the mapping, Hugging Face's permuted q/k, nothing: init only), with
+uneven shards (a vocabulary of 306 rows: 77 + 77 + 77 + 75 at data parallel 4; 153 per model-parallel rank, 77 + 76
+at dp 2 x mp 2)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from tests.helpers import params_of, random_state_dict, tiny_args
 from tests.multiprocess import run_multiprocess
-from util.checkpoint import save_checkpoint, write_meta_checkpoint
+from util.checkpoint import save_checkpoint, write_hf_checkpoint, write_meta_checkpoint
 
 # LoRA and adapter tensors are in no checkpoint, so they come from reset_parameters whatever the checkpoint.
 ARGS = dict(vocab_size=306, lora_rank=4, lora_targets=["wq", "wv", "w2"], adapter_len=3, adapter_layers=1)
@@ -64,7 +65,9 @@ def ckpts(tmp_path_factory):
     sd = random_state_dict(base, seed=4)
     write_meta_checkpoint(root / "meta", sd, params=params_of(base))
     save_checkpoint(root / "lazy", sd, shard_dims={k: None for k in sd}, config=base.to_dict())
-    return {"meta": [str(root / "meta")], "safetensors": [str(root / "lazy")], "init": []}
+    # Hugging Face's layout, in two files: q/k rows come back through the rotary permutation, not straight bytes
+    write_hf_checkpoint(root / "hf", sd, params=params_of(base), max_shard_bytes=200_000)
+    return {"meta": [str(root / "meta")], "safetensors": [str(root / "lazy")], "hf": [str(root / "hf")], "init": []}
 
 
 @pytest.mark.parametrize("world_size,mp", [(2, 1), (4, 1), (4, 2)], ids=["dp2", "dp4", "dp2xmp2"])
