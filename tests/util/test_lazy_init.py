@@ -166,11 +166,12 @@ def test_checkpoint_values_cast_to_model_dtype_and_pages_released(ckpt, monkeypa
     )
     # the peak of this materialization, in bytes: about what the process holds now (the model is alive; the interpreter
     # may have touched a few more pages since, CI saw one 4 KiB page), at most the process's lifetime peak
-    # (tests/util/test_memory_bounds.py bounds the growth itself). A unit slip (kB vs bytes) is off by 1000x.
+    # (tests/util/test_memory_bounds.py bounds the growth itself). The kernel's RSS counters are cached per CPU, so
+    # two readings of them differ by some pages (seen: 4 and 32 KiB). A unit slip (kB vs bytes) is off by 1000x.
     lifetime_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with open("/proc/self/status") as f:
         rss_now = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-    assert rss_now - 2**20 <= report.peak_rss <= lifetime_peak
+    assert rss_now - 2**20 <= report.peak_rss <= lifetime_peak + 2**20
 
 
 @pytest.mark.parametrize("quant", ["4bit", "4bit_fp4", "8bit"])
