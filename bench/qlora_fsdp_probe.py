@@ -15,6 +15,7 @@ the same tokens on both ranks, so the averaged gradient must equal the unsharded
   *_mp         + MixedPrecisionPolicy(param_dtype=bf16 or fp16)
   uint8_ckpt   uint8 + activation checkpointing
   padding      one QuantLinear whose 105 packed rows do not divide by 2 ranks
+  int8         an 8-bit QuantLinear handed to fully_shard as it is
 Prints one JSON line per result.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -96,7 +98,7 @@ def storage() -> None:
 
 
 # --- 2-3. fully_shard ---------------------------------------------------------------------------------------------
-CASES = ["params4bit", "uint8", "bf16", "fp32", "uint8_mp", "fp32_mp", "bf16_mp16", "uint8_ckpt", "padding"]
+CASES = ["params4bit", "uint8", "bf16", "fp32", "uint8_mp", "fp32_mp", "bf16_mp16", "uint8_ckpt", "padding", "int8"]
 
 
 def _as_storage(model: nn.Module, storage: torch.dtype) -> None:
@@ -124,6 +126,27 @@ def _tiny_qlora():
             if n.endswith("lora_b"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     return model, args
+
+
+def _watch_codes(model: nn.Module) -> list[bool]:
+    """Each QuantLinear forward appends whether the codes it computes with (FSDP's all-gathered unsharded
+    parameter) are byte for byte the codes it was built with."""
+    from util.quant import QuantLinear
+
+    seen = []
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            original = m.weight.data.reshape(-1).view(torch.uint8).clone()
+
+            def check(mod, _inputs, original=original):
+                now = mod.weight.data.reshape(-1)
+                seen.append(
+                    now.dtype.itemsize * now.numel() == original.numel()
+                    and torch.equal(now.view(torch.uint8), original)
+                )
+
+            m.register_forward_pre_hook(check)
+    return seen
 
 
 def _loss_and_grads(model, vocab: int):
@@ -181,6 +204,32 @@ def _padding_case(mesh) -> dict:
     )
 
 
+def _int8_case(mesh) -> dict:
+    """8 bits: fully_shard takes the Int8Params, but bitsandbytes' 8-bit matmul reads the codes from the layer's
+    MatmulLtState (state.CB), a plain attribute that still holds the whole original tensor."""
+    from torch.distributed.fsdp import fully_shard
+
+    from util.quant import QuantLinear, quant_spec
+
+    torch.manual_seed(0)
+    m = QuantLinear.from_linear(nn.Linear(256, 96, bias=False), quant_spec("8bit"))
+    x = torch.randn(2, 256)
+    ref = m(x).detach()
+    fully_shard(m, mesh=mesh)
+    local = list(m.weight.to_local().shape)
+    try:
+        y = m(x)
+        out = dict(forward_bit_equal=torch.equal(y, ref))
+    except Exception as e:
+        out = dict(forward_error=f"{type(e).__name__}: {e}")
+    return dict(
+        weight_local_shape=local,
+        state_CB_shape=list(m.state.CB.shape),
+        state_CB_is_a_DTensor=hasattr(m.state.CB, "to_local"),
+        **out,
+    )
+
+
 def _fsdp_worker(rank: int, case: str) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
@@ -195,6 +244,8 @@ def _fsdp_worker(rank: int, case: str) -> dict:
     try:
         if case == "padding":
             return {"case": case, **_padding_case(mesh)}
+        if case == "int8":
+            return {"case": case, **_int8_case(mesh)}
         ref, args = _tiny_qlora()
         ref_loss, ref_grads = _loss_and_grads(ref, args.vocab_size)
         model, _ = _tiny_qlora()
@@ -203,6 +254,7 @@ def _fsdp_worker(rank: int, case: str) -> dict:
             _as_storage(model, storage.get(case, torch.uint8))
         if case == "uint8_ckpt":
             enable_activation_checkpointing(model)
+        intact = _watch_codes(model)
         kw = {}
         if case.endswith("_mp"):
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -226,6 +278,7 @@ def _fsdp_worker(rank: int, case: str) -> dict:
         loss_bit_equal=loss == ref_loss,
         lora_grads=len(grads),
         grads_bit_equal=all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads),
+        codes_seen_by_forward_intact=all(intact) and len(intact) > 0,
         max_grad_diff=diff,
         wq_codes=sharded,
     )
@@ -244,13 +297,19 @@ def state() -> None:
     from util.quant import QuantLinear, quant_spec
 
     for mode in ("4bit",):  # fp4: the same sizes
-        for rows, cols, name in [(4096, 4096, "7B wq"), (11008, 4096, "7B w1"), (5632, 2048, "1.1B w1"), (3, 70, "3x70")]:
+        for rows, cols, name in [
+            (4096, 4096, "7B wq"),
+            (11008, 4096, "7B w1"),
+            (5632, 2048, "1.1B w1"),
+            (3, 70, "3x70"),
+        ]:
             spec = quant_spec(mode)
             for double in (True, False):
                 spec = type(spec)(spec.name, 4, spec.quant_type, double)
                 q = QuantLinear(cols, rows, spec=spec, local_shape=(rows, cols), dtype=torch.bfloat16)
                 sizes = {
-                    k: math.prod(shape) * (dtype.itemsize if dtype else 4) for k, (shape, dtype) in q.packed_layout().items()
+                    k: math.prod(shape) * (dtype.itemsize if dtype else 4)
+                    for k, (shape, dtype) in q.packed_layout().items()
                 }
                 codes = sizes.pop("packed")
                 show(
@@ -328,7 +387,7 @@ def _mem_worker(rank: int, layers: int, shard: bool) -> dict:
     )
 
 
-def memory(layers: int = 4) -> None:
+def memory(layers: int = int(os.environ.get("PROBE_LAYERS", "4"))) -> None:
     for shard in (False, True):
         for r in run_multiprocess(_mem_worker, 2, layers, shard, timeout=900):
             show({"q": "4 memory", **{k: round(v, 1) if isinstance(v, float) else v for k, v in r.items()}})

@@ -299,7 +299,9 @@ class QuantLinear(nn.Module):
             return  # already shardable
         state = self.weight.quant_state
         if getattr(state, "packing_format_for_cpu", False):
-            raise RuntimeError("this 4-bit weight was repacked for CPU inference (prepare_for_inference); it cannot train")
+            raise RuntimeError(
+                "this 4-bit weight was repacked for CPU inference (prepare_for_inference); it cannot train"
+            )
         if device is not None:
             state.to(torch.device(device))
         self._module_quant_state = state
