@@ -295,7 +295,10 @@ class QuantLinear(nn.Module):
             )
         if not isinstance(self.weight, Params4bit):
             if self._module_quant_state is None:
-                raise RuntimeError(f"{type(self).__name__} has no quantized weight yet: run materialize_and_load first")
+                raise RuntimeError(
+                    f"{type(self).__name__}.make_shardable_ needs the quantized weight: run materialize_and_load "
+                    "first (a 4-bit layer still on meta has no codes or quantization state to shard)"
+                )
             return  # already shardable
         state = self.weight.quant_state
         if getattr(state, "packing_format_for_cpu", False):

@@ -237,8 +237,8 @@ def wrap_fsdp(model: nn.Module, group: dist.ProcessGroup | None, device: torch.d
 
     A 4-bit base (QLoRA) is sharded too: its frozen uint8 codes become plain parameters (QuantLinear.make_shardable_)
     that FSDP2 all-gathers as bytes next to the fp32 adapters (only trainable parameters must share a dtype), and
-    each rank keeps the small quantization state whole. No MixedPrecisionPolicy: its param_dtype would cast
-    float-stored codes (bitsandbytes' quant_storage) as numbers; uint8 ones it leaves alone."""
+    each rank keeps the small quantization state whole. Keep the codes uint8 (not bitsandbytes' float
+    quant_storage): a MixedPrecisionPolicy's param_dtype casts float-stored codes as numbers, non-float ones never."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
