@@ -104,7 +104,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--data_parallel",
         default="ddp",
         choices=["ddp", "fsdp"],
-        help="ddp (adapters; the base may be quantized) or fsdp (full fine-tuning, unquantized)",
+        help="ddp (every rank holds the whole model) or fsdp (parameters sharded: full fine-tuning, or adapters on "
+        "a frozen full-precision or 4-bit base)",
     )
     m.add_argument("--precision", choices=sorted(PRECISIONS), help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
     m.add_argument("--checkpointing", action="store_true", help="activation checkpointing per transformer block")
@@ -212,7 +213,7 @@ def load_data(opts: argparse.Namespace, args: ModelArgs, tokenizer: Tokenizer) -
 
 
 def build_settings(opts: argparse.Namespace, args: ModelArgs, cfg: TrainConfig) -> tuple[str | None, torch.dtype]:
-    """(quant, dtype) for build_model; refuses a quantized base with nothing to train, or sharded by FSDP."""
+    """(quant, dtype) for build_model; refuses a quantized base with nothing to train, or 8-bit under FSDP."""
     peft = uses_peft(args)
     quant = None if opts.quant == "none" else opts.quant
     if quant and not peft:
@@ -220,10 +221,10 @@ def build_settings(opts: argparse.Namespace, args: ModelArgs, cfg: TrainConfig) 
             f"--quant {quant} freezes the base, and the config adds no adapters to train: add a LoRA config "
             "(--llama_config ... configs/lora_r16.json) or fine-tune fully with --quant none"
         )
-    if quant and cfg.data_parallel == "fsdp":
+    if quant == "8bit" and cfg.data_parallel == "fsdp":
         raise ValueError(
-            "--data_parallel fsdp cannot shard quantized weights: a quantized base is frozen and built on every "
-            "rank, so use --data_parallel ddp (only the adapters are synchronized), or --quant none"
+            "--data_parallel fsdp cannot shard 8-bit weights (bitsandbytes' 8-bit matmul keeps its codes where FSDP "
+            "does not see them): use --quant 4bit, or --data_parallel ddp"
         )
     # adapters train in fp32 beside a base in the autocast dtype; full fine-tuning keeps fp32 master weights
     return quant, torch.float32 if cfg.precision == "fp32" or not peft else PRECISIONS[cfg.precision]
@@ -257,8 +258,10 @@ def main(argv: list[str] | None = None) -> FinetuneResult | int:
             quant, dtype = build_settings(opts, args, cfg)
             if info.is_main:  # a read-only or full disk is reported now, not after the build and the first steps
                 out_lock.check_writable(output_dir, 2 * checkpoint_bytes(args, quant, cfg))
-            # FSDP: sharded on meta, so every rank allocates and reads only its rows of each parameter
-            shard = functools.partial(prepare_model, cfg=cfg, device=device) if cfg.data_parallel == "fsdp" else None
+            # FSDP: sharded on meta, so every rank allocates and reads only its rows of each parameter. A 4-bit base
+            # is quantized whole on every rank (a quarter of bf16) and sharded by the Trainer after the build.
+            fsdp_on_meta = cfg.data_parallel == "fsdp" and not quant
+            shard = functools.partial(prepare_model, cfg=cfg, device=device) if fsdp_on_meta else None
             with open_checkpoints(resume) as resumed:
                 model, _ = build_model(
                     args, [*bases, *resumed], quant=quant, dtype=dtype, device=device, seed=opts.seed, shard=shard

@@ -26,6 +26,7 @@ MULTIPROCESS_TESTS=(
     tests/util/test_generate.py::test_model_parallel_2_decodes_the_same_on_every_rank
     tests/features/test_prequantized.py::test_model_parallel_2_round_trip_and_size_mismatch
     tests/formats/test_hf_config.py::test_tied_scaled_checkpoint_under_model_parallel_2
+    tests/util/test_qlora_fsdp.py
     tests/test_main_finetune.py::test_qlora_two_processes_reduce_the_loss_and_reload_with_the_same_logits
     tests/test_main_finetune.py::test_data_parallel_ranks_hold_identical_adapters
     tests/test_main_finetune.py::test_model_parallel_ranks_hold_their_shards

@@ -269,8 +269,8 @@ def test_a_checkpoint_that_does_not_fit_the_config_is_one_error_line(killed, env
 def test_configuration_mistakes_fail_before_the_build(env, tmp_path):
     with pytest.raises(ValueError, match="freezes the base, and the config adds no adapters"):
         main_finetune.main(env.argv(tmp_path, "--quant", "4bit", lora=False))
-    with pytest.raises(ValueError, match="--data_parallel fsdp cannot shard quantized weights"):
-        main_finetune.main(env.argv(tmp_path, "--quant", "4bit", "--data_parallel", "fsdp", "--max_iters", "1"))
+    with pytest.raises(ValueError, match="--data_parallel fsdp cannot shard 8-bit weights"):
+        main_finetune.main(env.argv(tmp_path, "--quant", "8bit", "--data_parallel", "fsdp", "--max_iters", "1"))
     with pytest.raises(FileNotFoundError, match="--resume latest: no checkpoint-"):
         main_finetune.main(env.argv(tmp_path / "empty", "--resume", "latest"))
     with pytest.raises(ValueError, match=str(env.base)):  # --pretrained_format reaches open_checkpoint

@@ -248,6 +248,7 @@ class QuantLinear(nn.Module):
         )
         self.bias = nn.Parameter(torch.zeros(local_shape[0] if style != "row" else out_features)) if bias else None
         self.state: bnb.MatmulLtState | None = None  # 8-bit matmul state
+        self._module_quant_state: bnbF.QuantState | None = None  # 4-bit, once make_shardable_ moved it here
 
     @classmethod
     def from_linear(cls, linear: nn.Module, spec: QuantSpec) -> QuantLinear:
@@ -270,7 +271,54 @@ class QuantLinear(nn.Module):
 
     @property
     def is_quantized(self) -> bool:
-        return isinstance(self.weight, (Params4bit, Int8Params))
+        return isinstance(self.weight, (Params4bit, Int8Params)) or self._module_quant_state is not None
+
+    @property
+    def quant_state(self) -> bnbF.QuantState | None:
+        """The 4-bit weight's quantization state (absmax, code tables, shape): the Params4bit's, or this module's
+        after `make_shardable_`. None for 8 bits and before quantization."""
+        if isinstance(self.weight, Params4bit):
+            return self.weight.quant_state
+        return self._module_quant_state
+
+    def make_shardable_(self, device: torch.device | str | None = None) -> None:
+        """Hold the 4-bit codes as a plain frozen uint8 Parameter (the same storage, no copy) and the quantization
+        state on this module, so FSDP2's fully_shard can shard the codes: it replaces every parameter by an
+        nn.Parameter(DTensor), which would drop Params4bit's quant_state, and all-gathers it (bytes, whatever the
+        dtype) before each forward. The state stays whole on every rank (~3% of the codes with double
+        quantization). `device`: where the state goes (fully_shard moves parameters to its mesh's device, not
+        this state). The math is unchanged: the same codes and state reach bnb.matmul_4bit."""
+        if self.spec.bits != 4:
+            raise ValueError(
+                f"{type(self).__name__}: only 4-bit weights can be sharded; 8-bit ones keep their codes in "
+                "bitsandbytes' MatmulLtState, which FSDP does not see (use --data_parallel ddp with --quant 8bit)"
+            )
+        if not isinstance(self.weight, Params4bit):
+            if self._module_quant_state is None:
+                raise RuntimeError(
+                    f"{type(self).__name__}.make_shardable_ needs the quantized weight: run materialize_and_load "
+                    "first (a 4-bit layer still on meta has no codes or quantization state to shard)"
+                )
+            return  # already shardable
+        state = self.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            raise RuntimeError(
+                "this 4-bit weight was repacked for CPU inference (prepare_for_inference); it cannot train"
+            )
+        if device is not None:
+            state.to(torch.device(device))
+        self._module_quant_state = state
+        self.weight = nn.Parameter(self.weight.data, requires_grad=False)
+
+    def _whole_codes(self) -> torch.Tensor:
+        """The local 4-bit codes; refused while FSDP holds them sharded (outside its forward)."""
+        codes = self.weight.data
+        if hasattr(codes, "full_tensor"):  # a DTensor: this rank has a slice of the codes
+            raise RuntimeError(
+                f"{type(self).__name__}: the 4-bit codes are sharded by FSDP here; read them inside the forward or "
+                "from the unsharded model"
+            )
+        return codes
 
     def quantize_weight_(self, weight: torch.Tensor, *, device: torch.device | str) -> None:
         """Quantize `weight` (this rank's full-precision local slice, any float dtype, may be an mmap view)."""
@@ -286,6 +334,7 @@ class QuantLinear(nn.Module):
             self._install_8bit(*quantize_8bit_chunked(weight, **kw))
 
     def _install_4bit(self, packed: torch.Tensor, state: bnbF.QuantState) -> None:
+        self._module_quant_state = None
         self.weight = Params4bit(
             packed,
             requires_grad=False,
@@ -311,6 +360,8 @@ class QuantLinear(nn.Module):
         if self.spec.bits == 8 and self.state is not None and self.is_quantized:
             self.state.CB = self.weight.data
             self.state.SCB = self.state.SCB.to(self.weight.device)
+        if self._module_quant_state is not None:  # make_shardable_'s state: a plain attribute, as above
+            self._module_quant_state.to(self.weight.device)
         return self
 
     # --- pre-quantized weights: the packed data and quantization state as plain tensors (util.checkpoint's
@@ -366,8 +417,8 @@ class QuantLinear(nn.Module):
     @property
     def local_shape(self) -> tuple[int, int]:
         """This rank's full-precision weight shape (also once the weight is packed)."""
-        if isinstance(self.weight, Params4bit):
-            return tuple(self.weight.quant_state.shape)
+        if self.quant_state is not None:
+            return tuple(self.quant_state.shape)
         return tuple(self.weight.shape)
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:
@@ -378,13 +429,13 @@ class QuantLinear(nn.Module):
             )
         if self.spec.bits == 8:
             return {"CB": self.state.CB, "SCB": self.state.SCB}
-        qs = self.weight.quant_state
+        qs = self.quant_state
         if getattr(qs, "packing_format_for_cpu", False):
             raise RuntimeError(
                 "this 4-bit weight was repacked in place for bitsandbytes' CPU inference kernel (a bnb.nn.Linear4bit "
                 "eval forward); its layout is not the portable one. Save before running it through Linear4bit."
             )
-        out = {"packed": self.weight.data, "absmax": qs.absmax, "quant_map": qs.code}
+        out = {"packed": self._whole_codes(), "absmax": qs.absmax, "quant_map": qs.code}
         if qs.nested:
             out.update(
                 nested_absmax=qs.state2.absmax, nested_quant_map=qs.state2.code, nested_offset=qs.offset.reshape(1)
@@ -466,7 +517,7 @@ class QuantLinear(nn.Module):
         Nothing in the library reads it: merge_lora and the full-precision writers (save_model, export_meta) refuse
         quantized models instead of dequantizing them."""
         if self.spec.bits == 4:
-            return bnbF.dequantize_4bit(self.weight.data, self.weight.quant_state)
+            return bnbF.dequantize_4bit(self._whole_codes(), self.quant_state)
         return (self.state.CB.float() * self.state.SCB[:, None] / 127).to(self.weight_dtype)
 
     def pack_for_cpu_inference_(self) -> bool:
@@ -475,7 +526,7 @@ class QuantLinear(nn.Module):
         last bits) and has no training path. False (nothing done) where the CPU or the shapes do not allow it."""
         if (
             self.spec.bits != 4
-            or not self.is_quantized
+            or not isinstance(self.weight, Params4bit)  # the shardable (FSDP) form trains
             or self.weight.device.type != "cpu"
             or not bnbF.has_avx512bf16()
             or self.weight.quant_state.shape[1] % self.spec.blocksize
@@ -502,7 +553,7 @@ class QuantLinear(nn.Module):
         if self.spec.bits == 4:
             # Calls the kernel directly rather than through bnb.nn.Linear4bit.forward, whose CPU inference path
             # repacks the weight in place (AVX512-BF16 CPUs) and breaks a later training forward.
-            return bnb.matmul_4bit(x, self.weight, bias=bias, quant_state=self.weight.quant_state)
+            return bnb.matmul_4bit(x, self.weight, bias=bias, quant_state=self.quant_state)
         self.state.is_training = self.training
         return bnb.matmul(x, self.weight, bias=bias, state=self.state)
 

@@ -233,20 +233,29 @@ def wrap_ddp(model: nn.Module, group: dist.ProcessGroup | None, device: torch.de
 
 
 def wrap_fsdp(model: nn.Module, group: dist.ProcessGroup | None, device: torch.device) -> nn.Module:
-    """FSDP2: every TransformerBlock, then the root, sharded across the data-parallel group."""
+    """FSDP2: every TransformerBlock, then the root, sharded across the data-parallel group.
+
+    A 4-bit base (QLoRA) is sharded too: its frozen uint8 codes become plain parameters (QuantLinear.make_shardable_)
+    that FSDP2 all-gathers as bytes next to the fp32 adapters (only trainable parameters must share a dtype), and
+    each rank keeps the small quantization state whole. Keep the codes uint8 (not bitsandbytes' float
+    quant_storage): a MixedPrecisionPolicy's param_dtype casts float-stored codes as numbers, non-float ones never."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     from model.llama import TransformerBlock
+    from util.quant import QuantLinear
 
     if isinstance(model, FSDPModule):  # sharded on meta by build_model (each rank materialized its rows)
         return model
-    quantized = [n for n, p in model.named_parameters() if not p.dtype.is_floating_point]
-    if quantized:
+    int8 = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.spec.bits == 8]
+    if int8:
         raise ValueError(
-            f"--data_parallel fsdp cannot shard quantized weights ({quantized[0]}, ...): a quantized base is "
-            "frozen and built on every rank, so use --data_parallel ddp (only the adapters are synchronized)"
+            f"--data_parallel fsdp cannot shard 8-bit weights ({int8[0]}, ...): bitsandbytes' 8-bit matmul reads "
+            "its codes from a MatmulLtState FSDP does not see; use --quant 4bit, or --data_parallel ddp"
         )
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.make_shardable_(device)
     mesh = DeviceMesh.from_group(group or dist.group.WORLD, device_type=device.type)
     for module in model.modules():
         if isinstance(module, TransformerBlock):

@@ -1,6 +1,7 @@
 """main_finetune under --data_parallel fsdp (sharded on meta, each rank materializes its rows) against DDP on the
-same data: LoRA on a frozen full-precision base (the base sharded too, only the adapters train) at data parallel
-2, and full fine-tuning and LoRA at data parallel 2 x model parallel 2. The loss sequences must agree within fp32
+same data: LoRA on a frozen full-precision base (the base sharded too, only the adapters train) and QLoRA (the 4-bit
+base built whole, then its codes sharded) at data parallel 2, and full fine-tuning and LoRA at data parallel 2 x
+model parallel 2. The loss sequences must agree within fp32
 reduction noise and the saved models within the noise of a few AdamW steps."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from util.checkpoint import open_checkpoint
 STEPS = 3
 
 
-def _session(rank, env, out, mp: int, runs: list[tuple[str, bool]]):
+def _session(rank, env, out, mp: int, runs: list[tuple[str, bool, str]]):
     from fairscale.nn.model_parallel import initialize as fs_mp
 
     from util.dist import init_distributed, init_process_group
@@ -24,9 +25,9 @@ def _session(rank, env, out, mp: int, runs: list[tuple[str, bool]]):
     init_process_group()
     init_distributed(mp)
     results = {}
-    for name, lora in runs:
+    for name, lora, quant in runs:
         for dp in ("ddp", "fsdp"):
-            extra = f"--quant none --data_parallel {dp} --max_iters {STEPS} --lr 1e-3 --clip_grad 0.5"
+            extra = f"--quant {quant} --data_parallel {dp} --max_iters {STEPS} --lr 1e-3 --clip_grad 0.5"
             extra += f" --model_parallel_size {mp} --save_interval 0"
             res = main_finetune.main(env.argv(out / f"{name}-{dp}", *extra.split(), lora=lora))
             trainable = sorted(n for n, p in res.model.named_parameters() if p.requires_grad)
@@ -42,12 +43,13 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dp2(env, tmp_path_factory):
-    return run_multiprocess(_session, 2, env, tmp_path_factory.mktemp("fsdp_dp2"), 1, [("lora", True)])
+    runs = [("lora", True, "none"), ("qlora", True, "4bit")]
+    return run_multiprocess(_session, 2, env, tmp_path_factory.mktemp("fsdp_dp2"), 1, runs)
 
 
 @pytest.fixture(scope="module")
 def dp2xmp2(env, tmp_path_factory):
-    runs = [("full", False), ("lora", True)]
+    runs = [("full", False, "none"), ("lora", True, "none")]
     return run_multiprocess(_session, 4, env, tmp_path_factory.mktemp("fsdp_dp2xmp2"), 2, runs, timeout=480)
 
 
@@ -67,6 +69,10 @@ def _check_same_training(session, name):
 def test_fsdp_lora_on_a_sharded_frozen_base_trains_as_ddp(dp2):
     _check_same_training(dp2, "lora")
     assert all(".lora." in n for n in dp2[0]["lora-fsdp"]["trainable"])  # only the adapters train
+
+
+def test_fsdp_qlora_shards_the_4bit_base_and_trains_as_ddp(dp2):
+    _check_same_training(dp2, "qlora")  # the 4-bit codes sharded as bytes, each rank its quantization state
 
 
 @pytest.mark.parametrize("name", ["full", "lora"])
