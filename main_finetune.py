@@ -258,10 +258,9 @@ def main(argv: list[str] | None = None) -> FinetuneResult | int:
             quant, dtype = build_settings(opts, args, cfg)
             if info.is_main:  # a read-only or full disk is reported now, not after the build and the first steps
                 out_lock.check_writable(output_dir, 2 * checkpoint_bytes(args, quant, cfg))
-            # FSDP: sharded on meta, so every rank allocates and reads only its rows of each parameter. A 4-bit base
-            # is quantized whole on every rank (a quarter of bf16) and sharded by the Trainer after the build.
-            fsdp_on_meta = cfg.data_parallel == "fsdp" and not quant
-            shard = functools.partial(prepare_model, cfg=cfg, device=device) if fsdp_on_meta else None
+            # FSDP: sharded on meta, so every rank allocates and reads only its rows of each parameter (of a 4-bit
+            # base: its rows of the packed codes)
+            shard = functools.partial(prepare_model, cfg=cfg, device=device) if cfg.data_parallel == "fsdp" else None
             with open_checkpoints(resume) as resumed:
                 model, _ = build_model(
                     args, [*bases, *resumed], quant=quant, dtype=dtype, device=device, seed=opts.seed, shard=shard

@@ -112,7 +112,8 @@ def _direct_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor, bool
 
 
 def _expected_full_shape(module: nn.Module, name: str, local: torch.Tensor, world_size: int) -> tuple[int, ...]:
-    shape = list(local.shape)
+    # a quantized linear's weight may stand as its packed codes already (FSDP shards them on meta)
+    shape = list(module.local_shape if isinstance(module, QuantLinear) and name == "weight" else local.shape)
     dim = getattr(module, "shard_dims", {}).get(name)
     if dim is not None:
         shape[dim] *= world_size
@@ -522,7 +523,9 @@ class _Filler:
         # From the checkpoint slice (possibly an mmap view; copied to the device chunk by chunk) or from the
         # layer's own full-precision init. From a pre-quantized checkpoint it arrives packed.
         module, weight = mp.module, mp.planned("weight")
-        if weight.packed is not None:
+        if is_sharded(module.weight):
+            self._fill_sharded_codes(module, weight)
+        elif weight.packed is not None:
             self._adopt_packed(module, weight)
         elif weight.source is not None:
             where = weight.source.file_of(weight.key)
@@ -542,10 +545,8 @@ class _Filler:
             self.report.initialized += 1
             self.report.quantized += 1
         bias = mp.planned("bias")
-        if bias is not None:  # a plain tensor: from the checkpoint, else zero
-            module.bias = nn.Parameter(
-                _empty(module.bias.shape, module.bias.dtype, self.device), module.bias.requires_grad
-            )
+        if bias is not None:  # a plain tensor (or its rows under FSDP): from the checkpoint, else zero
+            module.bias = nn.Parameter(self._storage(module.bias), module.bias.requires_grad)
             with torch.no_grad():
                 if bias.source is not None:
                     self._load_into(module, bias, module.bias)
@@ -553,6 +554,34 @@ class _Filler:
                     module.bias.zero_()
                     self.report.initialized += 1
             _check_finite(bias.key, module.bias, bias.source.file_of(bias.key) if bias.source else "")
+
+    def _fill_sharded_codes(self, module: QuantLinear, weight: TensorPlan) -> None:
+        """QLoRA under FSDP: the whole weight of this model-parallel slice is quantized (as unsharded; one tensor in
+        flight, read from the mapping or initialized), this rank keeps its rows of the codes and the whole
+        quantization state (its blocks' scales and the double quantization span the whole weight)."""
+        if weight.packed is not None:
+            raise ValueError(
+                f"{weight.key}: a pre-quantized checkpoint ({weight.packed.path}) cannot be loaded into an "
+                "FSDP-sharded 4-bit model yet; build from the full-precision checkpoint with --quant 4bit"
+            )
+        if weight.source is not None:
+            where = weight.source.file_of(weight.key)
+            try:
+                codes, state = module.quantize(self._read(module, weight), device=self.device)
+            except NonFiniteWeight as e:
+                raise ValueError(f"tensor {weight.key!r} in {where} cannot be quantized: {e}") from None
+            weight.source.release(weight.key)
+            self.report.loaded += 1
+        else:
+            torch.manual_seed(module_seed(self.seed, weight.key))
+            codes, state = module.quantize(module.init_weight(self.device), device=self.device)
+            self.report.initialized += 1
+        self.report.quantized += 1
+        shard = self._storage(module.weight)
+        a, b = shard_rows(module.weight, weight.key)
+        shard.to_local().copy_(codes[a:b])
+        del codes
+        module.adopt_codes_(shard, state)
 
     def _adopt_packed(self, module: QuantLinear, weight: TensorPlan) -> None:
         """This rank's packed tensors copied from the mapped file into fresh storage, as they are."""
@@ -587,19 +616,20 @@ class _Filler:
     def _allocate(self, mp: ModulePlan) -> set[str]:
         """Fresh uninitialized storage on the device for every planned tensor; returns their names."""
         for tp in mp.todo:
-            if is_sharded(tp.tensor):  # this rank's rows only, wrapped as the same DTensor (FSDP2 adopts it)
-                t = tp.tensor
-                local = _empty(t.to_local().shape, t.dtype, self.device)
-                new = DTensor.from_local(
-                    local, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
-                )
-            else:
-                new = _empty(tp.tensor.shape, tp.tensor.dtype, self.device)
+            new = self._storage(tp.tensor)
             if tp.is_param:
                 mp.module._parameters[tp.name] = nn.Parameter(new, requires_grad=tp.tensor.requires_grad)
             else:
                 mp.module._buffers[tp.name] = new
         return {tp.name for tp in mp.todo}
+
+    def _storage(self, t: torch.Tensor) -> torch.Tensor:
+        """Fresh uninitialized storage on the device for the meta tensor `t`: a shard gets its rows only, wrapped
+        as the same DTensor (FSDP2 adopts it at its lazy init)."""
+        if not is_sharded(t):
+            return _empty(t.shape, t.dtype, self.device)
+        local = _empty(t.to_local().shape, t.dtype, self.device)
+        return DTensor.from_local(local, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
 
     def _init(self, mp: ModulePlan, need_init: list[str], fresh: set[str]) -> None:
         """The module's reset_parameters, seeded by the module's name."""

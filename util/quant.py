@@ -249,6 +249,7 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(local_shape[0] if style != "row" else out_features)) if bias else None
         self.state: bnb.MatmulLtState | None = None  # 8-bit matmul state
         self._module_quant_state: bnbF.QuantState | None = None  # 4-bit, once make_shardable_ moved it here
+        self._fp_shape = tuple(local_shape)  # the full-precision local shape, whatever form the weight takes
 
     @classmethod
     def from_linear(cls, linear: nn.Module, spec: QuantSpec) -> QuantLinear:
@@ -293,12 +294,17 @@ class QuantLinear(nn.Module):
                 f"{type(self).__name__}: only 4-bit weights can be sharded; 8-bit ones keep their codes in "
                 "bitsandbytes' MatmulLtState, which FSDP does not see (use --data_parallel ddp with --quant 8bit)"
             )
+        if self.weight.is_meta and not self.is_quantized:
+            # Still on meta: the placeholder takes the packed codes' shape, so FSDP shards the codes' rows;
+            # materialize_and_load then quantizes the weight and keeps this rank's rows (quantize + adopt_codes_).
+            rows, cols = self._fp_shape
+            self.weight = nn.Parameter(
+                torch.empty(((rows * cols + 1) // 2, 1), dtype=torch.uint8, device="meta"), requires_grad=False
+            )
+            return
         if not isinstance(self.weight, Params4bit):
-            if self._module_quant_state is None:
-                raise RuntimeError(
-                    f"{type(self).__name__}.make_shardable_ needs the quantized weight: run materialize_and_load "
-                    "first (a 4-bit layer still on meta has no codes or quantization state to shard)"
-                )
+            if self._module_quant_state is None and self.weight.dtype != torch.uint8:
+                raise RuntimeError(f"{type(self).__name__}.make_shardable_: the weight is neither on meta nor packed")
             return  # already shardable
         state = self.weight.quant_state
         if getattr(state, "packing_format_for_cpu", False):
@@ -322,6 +328,13 @@ class QuantLinear(nn.Module):
 
     def quantize_weight_(self, weight: torch.Tensor, *, device: torch.device | str) -> None:
         """Quantize `weight` (this rank's full-precision local slice, any float dtype, may be an mmap view)."""
+        if self.spec.bits == 4:
+            self._install_4bit(*self.quantize(weight, device=device))
+        else:
+            self._install_8bit(*self.quantize(weight, device=device))
+
+    def quantize(self, weight: torch.Tensor, *, device: torch.device | str) -> tuple:
+        """The packed form of `weight` without installing it: (codes, QuantState) at 4 bits, (CB, SCB) at 8."""
         device = torch.device(device)
         expected = self.local_shape
         if tuple(weight.shape) != expected:
@@ -329,9 +342,16 @@ class QuantLinear(nn.Module):
         # NaN/Inf refused (NonFiniteWeight): packed, they would pass as codes with a NaN scale
         kw = dict(device=device, dtype=self.weight_dtype, check_finite=True)
         if self.spec.bits == 4:
-            self._install_4bit(*quantize_4bit_chunked(weight, self.spec, **kw))
-        else:
-            self._install_8bit(*quantize_8bit_chunked(weight, **kw))
+            return quantize_4bit_chunked(weight, self.spec, **kw)
+        return quantize_8bit_chunked(weight, **kw)
+
+    def adopt_codes_(self, codes: torch.Tensor, state: bnbF.QuantState) -> None:
+        """The shardable form with `codes` as the weight: this rank's rows of the packed codes (an FSDP DTensor)
+        or all of them, and the whole quantization state on the module (see make_shardable_)."""
+        if self.spec.bits != 4 or codes.dtype != torch.uint8:
+            raise ValueError(f"{type(self).__name__}: adopt_codes_ takes 4-bit uint8 codes, got {codes.dtype}")
+        self.weight = nn.Parameter(codes, requires_grad=False)
+        self._module_quant_state = state
 
     def _install_4bit(self, packed: torch.Tensor, state: bnbF.QuantState) -> None:
         self._module_quant_state = None
@@ -417,9 +437,7 @@ class QuantLinear(nn.Module):
     @property
     def local_shape(self) -> tuple[int, int]:
         """This rank's full-precision weight shape (also once the weight is packed)."""
-        if self.quant_state is not None:
-            return tuple(self.quant_state.shape)
-        return tuple(self.weight.shape)
+        return self._fp_shape
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:
         """The quantized weight as the plain tensors `packed_layout` names (views of this layer's own state)."""

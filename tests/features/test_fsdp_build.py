@@ -20,7 +20,20 @@ ARGS = dict(vocab_size=306, lora_rank=4, lora_targets=["wq", "wv", "w2"], adapte
 PROBE = torch.randint(0, 306, (2, 7), generator=torch.Generator().manual_seed(1))
 
 
-def _worker(rank, ckpts: dict, args_dict: dict, mp: int):
+def _codes_and_state(model) -> dict:
+    """Every 4-bit layer's packed codes (gathered where sharded) and quantization state, as plain tensors."""
+    from util.quant import QuantLinear
+
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            codes = m.weight.full_tensor() if hasattr(m.weight, "full_tensor") else m.weight.data
+            qs = m.quant_state
+            out[name] = [codes.reshape(-1), qs.absmax, qs.state2.absmax, qs.offset.reshape(1)]
+    return out
+
+
+def _worker(rank, ckpts: dict, args_dict: dict, mp: int, quant: str | None = None):
     from torch.distributed.tensor import DTensor
 
     from model.args import ModelArgs
@@ -33,13 +46,23 @@ def _worker(rank, ckpts: dict, args_dict: dict, mp: int):
     args = ModelArgs(**args_dict)
     out = {"position": position()}
     for name, paths in ckpts.items():
-        ref, ref_report = build_model(args, paths, dtype=torch.float32, seed=7)
+        ref, ref_report = build_model(args, paths, quant=quant, dtype=torch.float32, seed=7)
         model, report = build_model(
-            args, paths, dtype=torch.float32, seed=7, shard=lambda m: wrap_fsdp(m, dp_group(), torch.device("cpu"))
+            args,
+            paths,
+            quant=quant,
+            dtype=torch.float32,
+            seed=7,
+            shard=lambda m: wrap_fsdp(m, dp_group(), torch.device("cpu")),
         )
         expected = dict(ref.named_parameters())
         params = list(model.named_parameters())
-        differ = [n for n, p in params if not torch.equal(p.full_tensor(), expected[n])]  # a collective: all ranks
+        differ = [  # gathering is a collective: every rank, every parameter, in order
+            n for n, p in params if not torch.equal(p.full_tensor().reshape(-1), expected[n].data.reshape(-1))
+        ]
+        if quant:  # codes and the whole quantization state as the unsharded quantized build's
+            ours, theirs = _codes_and_state(model), _codes_and_state(ref)
+            differ += [n for n in theirs if not all(torch.equal(a, b) for a, b in zip(ours[n], theirs[n]))]
         buffers = dict(ref.named_buffers())
         differ += [n for n, b in model.named_buffers() if not torch.equal(b, buffers[n])]
         with torch.no_grad():
@@ -51,8 +74,8 @@ def _worker(rank, ckpts: dict, args_dict: dict, mp: int):
             == [n for n, p in ref.named_parameters() if p.requires_grad],
             differ=differ,
             logits_max_diff=(logits - ref_logits).abs().max().item(),
-            local_param_bytes=sum(p.to_local().numel() * 4 for _, p in params),
-            param_bytes=sum(p.numel() * 4 for p in ref.parameters()),
+            local_param_bytes=sum(p.to_local().numel() * p.element_size() for _, p in params),
+            param_bytes=sum(p.numel() * p.element_size() for p in ref.parameters()),
             report=(report.loaded, report.initialized, ref_report.loaded, ref_report.initialized),
         )
     return out
@@ -89,3 +112,17 @@ def test_fsdp_lazy_build_equals_the_unsharded_build(ckpts, world_size, mp):
             assert len(group) == dp
             assert sum(g["local_param_bytes"] for g in group) == group[0]["param_bytes"]
             assert max(g["local_param_bytes"] for g in group) < group[0]["param_bytes"] / dp * 1.1
+
+
+def test_fsdp_lazy_4bit_build_equals_the_unsharded_quantized_build(ckpts):
+    """QLoRA under FSDP on meta: each rank quantizes the whole weight as the unsharded build does and keeps its rows
+    of the codes, with the whole quantization state (double-quantized absmax spans the weight)."""
+    results = run_multiprocess(_worker, 2, ckpts, tiny_args(**ARGS).to_dict(), 1, "4bit")
+    for name in ckpts:
+        for r in results:
+            got = r[name]
+            assert got["sharded"] and got["names_equal"] and got["trainable_equal"], name
+            assert got["differ"] == [], (name, r["position"], got["differ"][:5])
+            assert got["logits_max_diff"] < 1e-5, (name, got["logits_max_diff"])
+            assert got["report"][:2] == got["report"][2:], name
+        assert sum(r[name]["local_param_bytes"] for r in results) == results[0][name]["param_bytes"]
