@@ -20,6 +20,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 # that every test file using them is listed here.
 MULTIPROCESS_TESTS=(
     tests/features/test_model_parallel.py
+    tests/features/test_fsdp_checkpoint.py
     tests/util/test_generate.py::test_model_parallel_2_decodes_the_same_on_every_rank
     tests/features/test_prequantized.py::test_model_parallel_2_round_trip_and_size_mismatch
     tests/formats/test_hf_config.py::test_tied_scaled_checkpoint_under_model_parallel_2
