@@ -425,7 +425,8 @@ def _check_tensors_only(sd: Any, where: Path, key: str = "") -> None:
 def _sampler_state_at(state: dict[str, int], world_size: int, ckpt: Path) -> dict[str, int]:
     """The sampler's state for `world_size` data-parallel ranks. Ranks are dealt one permutation round-robin, so
     after each consumed `position` examples the epoch's first position x world_size are consumed whatever the size:
-    the same global position, divided among this run's ranks."""
+    the same global position, divided among this run's ranks. (The loop then restarts the epoch at step_in_epoch x
+    examples_per_step, which is this position when the global batch is the one the checkpoint was trained with.)"""
     if state["world_size"] == world_size:
         return state
     consumed = state["position"] * state["world_size"]
@@ -937,10 +938,8 @@ class Trainer:
         self.iteration, self.epoch, self.step_in_epoch = state["iteration"], state["epoch"], state["step_in_epoch"]
         self.losses = list(state["losses"])
         self._last_saved = self.iteration
-        if self.fsdp and (ckpt / OPTIMIZER_DIR).is_dir():
+        if self.fsdp:
             self._load_sharded_optimizer(ckpt / self._optimizer_dir())
-        elif self.fsdp:  # written before sharded optimizer checkpoints: one file per rank, the same layout only
-            self._fsdp_optimizer_state_in(_load_pt(ckpt / f"optimizer.rank{self.pos.rank:05d}.pt"))
         else:
             self.optimizer.load_state_dict(_load_pt(ckpt / self._optimizer_file()))
         if self.scaler is not None and state.get("scaler"):
@@ -967,6 +966,12 @@ class Trainer:
             raise ValueError(
                 f"{ckpt} was saved with --data_parallel {saved_mode} and this run has {self.cfg.data_parallel}: "
                 "their optimizer states are stored differently; resume with the same --data_parallel"
+            )
+        if self.fsdp and not (ckpt / OPTIMIZER_DIR).is_dir():
+            raise ValueError(
+                f"{ckpt}: no {OPTIMIZER_DIR}/ directory (an FSDP checkpoint from before sharded optimizer checkpoints, "
+                "optimizer.rankNNNNN.pt per rank, which this trainer no longer reads); its model still loads: start "
+                f"a new run from it (--pretrained_path <base> {ckpt}) instead of resuming"
             )
         layout = f"data parallel {state['data_parallel_size']} x model parallel {state['model_parallel_size']}"
         if state["model_parallel_size"] != mp_size or (
@@ -1033,11 +1038,6 @@ class Trainer:
         if not self.fsdp:
             return False
         where = f"{ckpt} (saved at data parallel {state['data_parallel_size']}, this run {self.pos.data_parallel_size})"
-        if not (ckpt / OPTIMIZER_DIR).is_dir():
-            raise ValueError(
-                f"{where}: its optimizer state is one file per rank (written before sharded optimizer checkpoints), "
-                "readable at the same data-parallel size only; resume with that many processes"
-            )
         saved_per_rank = state.get("examples_per_step")
         if saved_per_rank is None:
             raise ValueError(
@@ -1102,17 +1102,6 @@ class Trainer:
                 "checkpoint this trainer wrote for the same model and config"
             ) from None
         set_optimizer_state_dict(self.module, self.optimizer, {**sd, "param_groups": groups})
-
-    def _fsdp_optimizer_state_in(self, sd: dict) -> None:
-        from torch.distributed.tensor import DTensor
-
-        self.optimizer.load_state_dict(sd)
-        for p, state in self.optimizer.state.items():
-            if not isinstance(p, DTensor):
-                continue
-            for name, v in state.items():
-                if not isinstance(v, DTensor) and v.dim() > 0 and v.shape == p.to_local().shape:
-                    state[name] = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
 
     def _write_model(self, out: Path) -> None:
         """All ranks; data-parallel rank 0 writes each model-parallel shard. FSDP: each parameter is gathered at its
