@@ -29,8 +29,8 @@ leaves the previous checkpoint intact. Loaded with torch.load(weights_only=True)
 
 Under FSDP nothing is gathered whole: the model is written one parameter at a time (each gathered with
 `full_tensor()`, written by data-parallel rank 0, dropped), and the optimizer state with torch.distributed.checkpoint
-(DCP): every rank writes its own shards into `optimizer/mpNN/` as safetensors files whose headers record each
-shard's offsets (torch's HuggingFaceStorageWriter/Reader), so a resume at another data-parallel size reads the rows it
+(DCP): every rank writes its own shards into `optimizer/mpNN/` as safetensors files (one per transformer block or other
+parameter) whose headers record each shard's offsets (torch's HuggingFaceStorageWriter/Reader), so a resume at another data-parallel size reads the rows it
 now owns. Those files are read without unpickling anything: DCP's default FileSystemReader would unpickle its
 `.metadata` file (and torch.load(weights_only=False) non-tensor entries), so it is not used.
 """
@@ -420,6 +420,19 @@ def _check_tensors_only(sd: Any, where: Path, key: str = "") -> None:
             f"{where}: optimizer state {key!r} is a {type(sd).__name__}, not a tensor; the sharded checkpoint stores "
             "tensors only (an optimizer other than torch.optim.AdamW?)"
         )
+
+
+def _optimizer_files(sd: dict[str, Any]) -> dict[str, int]:
+    """DCP's flattened key of each optimizer tensor -> the file (1, 2, ...) it goes to on every rank: one per
+    transformer block, one per other parameter. The safetensors writer builds each file in memory before writing it,
+    so a file per block bounds that copy to one block's moments (one file would cost this rank's whole shard)."""
+    groups: dict[str, int] = {}
+    files: dict[str, int] = {}
+    for fqn, state in sd["state"].items():
+        block = re.match(r"(?:.*\.)?layers\.\d+\.", fqn)
+        index = groups.setdefault(block.group(0) if block else fqn, len(groups) + 1)
+        files.update({f"state.{fqn}.{name}": index for name in state})
+    return files
 
 
 def _sampler_state_at(state: dict[str, int], world_size: int, ckpt: Path) -> dict[str, int]:
@@ -1072,7 +1085,8 @@ class Trainer:
         sd = get_optimizer_state_dict(self.module, self.optimizer)
         groups = sd.pop("param_groups")
         _check_tensors_only(sd, out)
-        writer = dcp.HuggingFaceStorageWriter(str(out), save_distributed=True)
+        files = _optimizer_files(sd)
+        writer = dcp.HuggingFaceStorageWriter(str(out), fqn_to_index_mapping=files, save_distributed=True)
         dcp.save(sd, storage_writer=writer, process_group=self.dp or dist.group.WORLD)
         if self.pos.writes:
             _save_pt(groups, out / "param_groups.pt")

@@ -258,16 +258,16 @@ def test_a_save_gathers_one_parameter_at_a_time(reference):
 def test_every_rank_writes_its_own_optimizer_shards(reference):
     shards = reference["out"] / "checkpoint-0000002" / OPTIMIZER_DIR / "mp00"
     files = sorted(p.name for p in shards.iterdir())
-    assert files == [
-        "param_groups.pt",
-        "shard-00001-model-00001-of-00001.safetensors",
-        "shard-00002-model-00001-of-00001.safetensors",
-    ], files  # safetensors and a weights-only torch file: no pickled DCP .metadata
-    sizes = [(shards / f).stat().st_size for f in files[1:]]
+    # safetensors files and a weights-only torch file: no pickled DCP .metadata. A file per rank and transformer
+    # block or other parameter (the embedding, the final norm, the head): 2 ranks x (2 blocks + 3)
+    assert files == ["param_groups.pt"] + [
+        f"shard-{rank:05d}-model-{i:05d}-of-00005.safetensors" for rank in (1, 2) for i in range(1, 6)
+    ], files
+    per_rank = [sum((shards / f).stat().st_size for f in files if f.startswith(f"shard-{r:05d}")) for r in (1, 2)]
     with open_checkpoint(reference["final"]) as final:
         model_bytes = sum(final.read(k).numel() * 4 for k in final.keys())
-    # AdamW's two moments of every parameter, split over two ranks: each file about one model's bytes
-    assert all(0.8 * model_bytes < s < 1.2 * model_bytes for s in sizes), (sizes, model_bytes)
+    # AdamW's two moments of every parameter, split over two ranks: each rank about one model's bytes
+    assert all(0.8 * model_bytes < s < 1.2 * model_bytes for s in per_rank), (per_rank, model_bytes)
     state = torch.load(reference["out"] / "checkpoint-0000002" / TRAIN_STATE, weights_only=True)
     assert (state["data_parallel"], state["data_parallel_size"], state["examples_per_step"]) == ("fsdp", 2, 2)
 
