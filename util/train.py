@@ -28,11 +28,12 @@ optimizer state + schedule position + RNG states (torch, python, numpy, CUDA; pe
 leaves the previous checkpoint intact. Loaded with torch.load(weights_only=True) and safetensors only.
 
 Under FSDP nothing is gathered whole: the model is written one parameter at a time (each gathered with
-`full_tensor()`, written by data-parallel rank 0, dropped), and the optimizer state with torch.distributed.checkpoint
-(DCP): every rank writes its own shards into `optimizer/mpNN/` as safetensors files (one per transformer block or other
-parameter) whose headers record each shard's offsets (torch's HuggingFaceStorageWriter/Reader), so a resume at another data-parallel size reads the rows it
-now owns. Those files are read without unpickling anything: DCP's default FileSystemReader would unpickle its
-`.metadata` file (and torch.load(weights_only=False) non-tensor entries), so it is not used.
+`full_tensor()`, written by data-parallel rank 0, dropped), and the optimizer state with
+torch.distributed.checkpoint (DCP): every rank writes its own shards into `optimizer/mpNN/` as safetensors files (one
+per transformer block or other parameter) whose headers record each shard's offsets (torch's
+HuggingFaceStorageWriter/Reader), so a resume at another data-parallel size reads the rows it now owns. Those files
+are read without unpickling anything: DCP's default FileSystemReader would unpickle its `.metadata` file (and
+torch.load(weights_only=False) non-tensor entries), so it is not used.
 """
 
 from __future__ import annotations
