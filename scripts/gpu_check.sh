@@ -2,7 +2,7 @@
 # The GPU paths in one run (issue 16), under 10 minutes on one GPU; one summary table at the end.
 #   scripts/gpu_check.sh              # on a GPU machine
 #   scripts/gpu_check.sh --dry-run    # print the steps and run nothing
-#   scripts/gpu_check.sh --no-bench   # leave out the 7B build (the longest step)
+#   scripts/gpu_check.sh --no-bench   # leave out the 7B build (with the multiprocess step, the longest)
 # Without a GPU it says so, runs the CPU halves of the GPU tests (tests/gpu/test_device_paths.py) and prints the table.
 # Steps, each under its own time limit:
 #   1. pytest -m gpu: every item of the issue on the device (tests/gpu/test_cuda.py and the other gpu-marked tests):
@@ -23,6 +23,7 @@ MULTIPROCESS_TESTS=(
     tests/features/test_fsdp_build.py
     tests/features/test_fsdp_finetune.py
     tests/util/test_memory_bounds.py::test_fsdp_rank_grows_by_its_shard_not_the_model
+    tests/features/test_fsdp_checkpoint.py
     tests/util/test_generate.py::test_model_parallel_2_decodes_the_same_on_every_rank
     tests/features/test_prequantized.py::test_model_parallel_2_round_trip_and_size_mismatch
     tests/formats/test_hf_config.py::test_tied_scaled_checkpoint_under_model_parallel_2
@@ -82,7 +83,7 @@ fi
 if ((dry_run)) || have_gpu; then
     ((dry_run)) && echo "dry run: the steps on a GPU machine would be"
     step gpu 190 "$PYTHON" -m pytest -q -m gpu -rs tests --junitxml="$OUT/gpu.xml"
-    step multiprocess 170 "$PYTHON" -m pytest -q -rs "${MULTIPROCESS_TESTS[@]}" --junitxml="$OUT/multiprocess.xml"
+    step multiprocess 300 "$PYTHON" -m pytest -q -rs "${MULTIPROCESS_TESTS[@]}" --junitxml="$OUT/multiprocess.xml"
     if ((bench)); then
         step bench 210 "$PYTHON" bench/build_memory.py --shape 7B --flows lazy --device cuda --timeout 180 \
             --ckpt-dir "$BENCH_CKPT" --results-dir "$OUT/bench"

@@ -25,7 +25,15 @@ model-parallel-split parameters across the model-parallel group and counts repli
 Checkpoints (`<output_dir>/checkpoint-NNNNNNN/`): the model (trainable-only or full, this project's format) +
 optimizer state + schedule position + RNG states (torch, python, numpy, CUDA; per rank) + the sampler's
 (epoch, position). Written into a hidden temp directory and published with one rename, so a crash mid-save
-leaves the previous checkpoint intact. Loaded with torch.load(weights_only=True) only.
+leaves the previous checkpoint intact. Loaded with torch.load(weights_only=True) and safetensors only.
+
+Under FSDP nothing is gathered whole: the model is written one parameter at a time (each gathered with
+`full_tensor()`, written by data-parallel rank 0, dropped), and the optimizer state with
+torch.distributed.checkpoint (DCP): every rank writes its own shards into `optimizer/mpNN/` as safetensors files (one
+per transformer block or other parameter) whose headers record each shard's offsets (torch's
+HuggingFaceStorageWriter/Reader), so a resume at another data-parallel size reads the rows it now owns. Those files
+are read without unpickling anything: DCP's default FileSystemReader would unpickle its `.metadata` file (and
+torch.load(weights_only=False) non-tensor entries), so it is not used.
 """
 
 from __future__ import annotations
@@ -61,7 +69,7 @@ from tqdm import tqdm
 from model.args import ModelArgs
 from util import memory
 from util import output_dir as out_lock
-from util.checkpoint import model_state, save_checkpoint
+from util.checkpoint import join_sharded_save, model_state, save_checkpoint
 from util.checkpoint.files import publish_dir
 from util.data import IGNORE_INDEX, InstructionDataset, ResumableDistributedSampler, make_loader
 from util.dist import barrier, dp_group, mp_group, position
@@ -74,8 +82,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
 _CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 TRAIN_STATE = "train_state.pt"
-# Test hook: "ITERATION:SECONDS" pauses the save of that iteration's checkpoint after its model files are
-# written and before it is published, so a test can kill the process mid-save.
+OPTIMIZER_DIR = "optimizer"  # FSDP: DCP shards of the optimizer state, one subdirectory per model-parallel rank
+# Test hook: "ITERATION:SECONDS" pauses the save of that iteration's checkpoint after its model and optimizer files
+# are written and before it is published, so a test can kill the process mid-save.
 SAVE_PAUSE_ENV = "LAZYLLAMA_SAVE_PAUSE"
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -413,6 +422,47 @@ def _load_pt(path: Path) -> Any:
             f"{path}: truncated or corrupt ({' '.join(str(e).split())[:200]}); resume from an earlier checkpoint "
             "(checkpoints are published complete, so this file was damaged afterwards)"
         ) from None
+
+
+def _check_tensors_only(sd: Any, where: Path, key: str = "") -> None:
+    """The sharded optimizer checkpoint holds tensors only (anything else would be pickled by DCP)."""
+    if isinstance(sd, dict):
+        for k, v in sd.items():
+            _check_tensors_only(v, where, f"{key}.{k}" if key else str(k))
+    elif not isinstance(sd, torch.Tensor):
+        raise TypeError(
+            f"{where}: optimizer state {key!r} is a {type(sd).__name__}, not a tensor; the sharded checkpoint stores "
+            "tensors only (an optimizer other than torch.optim.AdamW?)"
+        )
+
+
+def _optimizer_files(sd: dict[str, Any]) -> dict[str, int]:
+    """DCP's flattened key of each optimizer tensor -> the file (1, 2, ...) it goes to on every rank: one per
+    transformer block, one per other parameter. The safetensors writer builds each file in memory before writing it,
+    so a file per block bounds that copy to one block's moments (one file would cost this rank's whole shard)."""
+    groups: dict[str, int] = {}
+    files: dict[str, int] = {}
+    for fqn, state in sd["state"].items():
+        block = re.match(r"(?:.*\.)?layers\.\d+\.", fqn)
+        index = groups.setdefault(block.group(0) if block else fqn, len(groups) + 1)
+        files.update({f"state.{fqn}.{name}": index for name in state})
+    return files
+
+
+def _sampler_state_at(state: dict[str, int], world_size: int, ckpt: Path) -> dict[str, int]:
+    """The sampler's state for `world_size` data-parallel ranks. Ranks are dealt one permutation round-robin, so
+    after each consumed `position` examples the epoch's first position x world_size are consumed whatever the size:
+    the same global position, divided among this run's ranks. (The loop then restarts the epoch at step_in_epoch x
+    examples_per_step, which is this position when the global batch is the one the checkpoint was trained with.)"""
+    if state["world_size"] == world_size:
+        return state
+    consumed = state["position"] * state["world_size"]
+    if consumed % world_size:
+        raise ValueError(
+            f"{ckpt}: {consumed} examples of epoch {state['epoch']} were consumed, which {world_size} data-parallel "
+            "ranks cannot share evenly; resume at the data-parallel size it was saved with"
+        )
+    return {**state, "world_size": world_size, "position": consumed // world_size}
 
 
 _PENDING_INTERRUPT: list[int] = []  # a Ctrl-C held by _interrupt_after (the save pause test hook ends on it)
@@ -843,11 +893,11 @@ class Trainer:
             tmp.mkdir()
         barrier()
         self._write_model(tmp)
-        self._pause_if_asked(tmp)
-        if self.fsdp:  # each rank its shard of the optimizer state
-            _save_pt(self._fsdp_optimizer_state_out(), tmp / self._optimizer_file())
+        if self.fsdp:  # each rank its shards of the optimizer state
+            self._save_sharded_optimizer(tmp / self._optimizer_dir())
         elif self.pos.writes:  # the same on every data-parallel rank
             _save_pt(self.optimizer.state_dict(), tmp / self._optimizer_file())
+        self._pause_if_asked(tmp)
         _save_pt(_rng_state(self.device), tmp / f"rng.rank{self.pos.rank:05d}.pt")
         if self.pos.is_main:
             _save_pt(self._train_state(), tmp / TRAIN_STATE)
@@ -894,6 +944,8 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "data_parallel_size": self.pos.data_parallel_size,
             "model_parallel_size": self.pos.model_parallel_size,
+            "data_parallel": self.cfg.data_parallel,  # ddp | fsdp: which optimizer files the checkpoint holds
+            "examples_per_step": self.cfg.examples_per_step,  # per rank; x data_parallel_size = the global batch
             "steps_per_epoch": self.steps_per_epoch,
             "total_iters": self.total_iters,
             "schedule": {"lr": self.cfg.lr, "min_lr": self.cfg.min_lr, "warmup_iters": self.schedule.warmup_iters},
@@ -905,29 +957,59 @@ class Trainer:
         ckpt = Path(ckpt)
         state = _load_pt(ckpt / TRAIN_STATE)
         self._check_resumable(ckpt, state)
-        self.sampler.load_state_dict(state["sampler"])
+        same_layout = state["data_parallel_size"] == self.pos.data_parallel_size
+        self.sampler.load_state_dict(_sampler_state_at(state["sampler"], self.pos.data_parallel_size, ckpt))
         self.iteration, self.epoch, self.step_in_epoch = state["iteration"], state["epoch"], state["step_in_epoch"]
         self.losses = list(state["losses"])
         self._last_saved = self.iteration
-        optimizer_state = _load_pt(ckpt / self._optimizer_file())
         if self.fsdp:
-            self._fsdp_optimizer_state_in(optimizer_state)
+            self._load_sharded_optimizer(ckpt / self._optimizer_dir())
         else:
-            self.optimizer.load_state_dict(optimizer_state)
+            self.optimizer.load_state_dict(_load_pt(ckpt / self._optimizer_file()))
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(_load_pt(ckpt / f"rng.rank{self.pos.rank:05d}.pt"), self.device)
+        if same_layout:
+            _set_rng_state(_load_pt(ckpt / f"rng.rank{self.pos.rank:05d}.pt"), self.device)
+        else:  # no rank's streams continue another layout's; fresh ones, equal across a model-parallel group
+            seed_everything(self.cfg.seed + self.pos.data_parallel_rank + 1_000_003 * (self.iteration + 1))
+            if self.pos.is_main:
+                log.info(
+                    "resumed at data parallel %d (saved at %d): the same data order and position; the random "
+                    "streams (dropout) start afresh",
+                    self.pos.data_parallel_size,
+                    state["data_parallel_size"],
+                )
         if self.pos.is_main:
             where = f"epoch {self.epoch}, step {self.step_in_epoch}"
             log.info("resumed from %s at iteration %d (%s)", ckpt, self.iteration, where)
 
     def _check_resumable(self, ckpt: Path, state: dict[str, Any]) -> None:
         dp_size, mp_size = self.pos.data_parallel_size, self.pos.model_parallel_size
-        if state["data_parallel_size"] != dp_size or state["model_parallel_size"] != mp_size:
+        saved_mode = state.get("data_parallel", "fsdp" if any(ckpt.glob("optimizer.rank*.pt")) else "ddp")
+        if saved_mode != self.cfg.data_parallel:
             raise ValueError(
-                f"{ckpt} was saved with data parallel {state['data_parallel_size']} x model parallel "
-                f"{state['model_parallel_size']}; this run has {dp_size} x {mp_size}. Resume with the same "
+                f"{ckpt} was saved with --data_parallel {saved_mode} and this run has {self.cfg.data_parallel}: "
+                "their optimizer states are stored differently; resume with the same --data_parallel"
+            )
+        if self.fsdp and not (ckpt / OPTIMIZER_DIR).is_dir():
+            raise ValueError(
+                f"{ckpt}: no {OPTIMIZER_DIR}/ directory (an FSDP checkpoint from before sharded optimizer checkpoints, "
+                "optimizer.rankNNNNN.pt per rank, which this trainer no longer reads); its model still loads: start "
+                f"a new run from it (--pretrained_path <base> {ckpt}) instead of resuming"
+            )
+        layout = f"data parallel {state['data_parallel_size']} x model parallel {state['model_parallel_size']}"
+        if state["model_parallel_size"] != mp_size or (
+            state["data_parallel_size"] != dp_size and not self._reshardable(ckpt, state)
+        ):
+            raise ValueError(
+                f"{ckpt} was saved with {layout}; this run has {dp_size} x {mp_size}. Resume with the same "
                 "layout (torchrun --nproc_per_node and --model_parallel_size) to continue the same data order"
+                + (
+                    " (--data_parallel fsdp checkpoints also resume at another data-parallel size with the same "
+                    "model-parallel size and global batch)"
+                    if not self.fsdp
+                    else ""
+                )
             )
         if state["steps_per_epoch"] != self.steps_per_epoch:
             raise ValueError(
@@ -971,33 +1053,89 @@ class Trainer:
             before,
         )
 
+    def _reshardable(self, ckpt: Path, state: dict[str, Any]) -> bool:
+        """Whether an FSDP checkpoint continues exactly at this run's data-parallel size (raises, saying why not,
+        where it is an FSDP checkpoint that cannot). The optimizer shards are resharded by DCP; the data continues at
+        the same global example when every optimizer step takes the same examples: the sampler deals one seeded
+        permutation round-robin, so the first `position x data-parallel size` examples of the epoch are consumed at
+        any size, and equal global batches make every step the same slice of it."""
+        if not self.fsdp:
+            return False
+        where = f"{ckpt} (saved at data parallel {state['data_parallel_size']}, this run {self.pos.data_parallel_size})"
+        saved_per_rank = state.get("examples_per_step")
+        if saved_per_rank is None:
+            raise ValueError(
+                f"{where}: the checkpoint does not record its batch; resume at the same data-parallel size"
+            )
+        saved, now = (
+            saved_per_rank * state["data_parallel_size"],
+            self.cfg.examples_per_step * self.pos.data_parallel_size,
+        )
+        if saved != now:
+            raise ValueError(
+                f"{where}: each optimizer step took {saved} examples (batch_size x accum_iter x data-parallel size) "
+                f"and would take {now} now; choose --batch_size and --accum_iter so that their product times "
+                f"{self.pos.data_parallel_size} is {saved}, so every step sees the same examples"
+            )
+        return True
+
     def _optimizer_file(self) -> str:
-        # DDP: the optimizer state is the same on every data-parallel rank; FSDP: each rank has its shard
-        if self.fsdp:
-            return f"optimizer.rank{self.pos.rank:05d}.pt"
+        # DDP: the optimizer state is the same on every data-parallel rank (FSDP: see _optimizer_dir)
         return f"optimizer.mp{self.pos.model_parallel_rank:02d}.pt"
 
-    def _fsdp_optimizer_state_out(self) -> dict:
-        sd = self.optimizer.state_dict()
-        return {**sd, "state": {k: {n: _local(v) for n, v in s.items()} for k, s in sd["state"].items()}}
+    def _optimizer_dir(self) -> str:
+        # FSDP: one DCP checkpoint per model-parallel rank, written and read by its data-parallel group
+        return f"{OPTIMIZER_DIR}/mp{self.pos.model_parallel_rank:02d}"
 
-    def _fsdp_optimizer_state_in(self, sd: dict) -> None:
-        from torch.distributed.tensor import DTensor
+    def _save_sharded_optimizer(self, out: Path) -> None:
+        """All ranks: this rank's shards of the optimizer state into `out` (DCP, safetensors); the parameter groups
+        (hyperparameters and parameter names: plain values) into param_groups.pt by data-parallel rank 0."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        self.optimizer.load_state_dict(sd)
-        for p, state in self.optimizer.state.items():
-            if not isinstance(p, DTensor):
-                continue
-            for name, v in state.items():
-                if not isinstance(v, DTensor) and v.dim() > 0 and v.shape == p.to_local().shape:
-                    state[name] = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+        sd = get_optimizer_state_dict(self.module, self.optimizer)
+        groups = sd.pop("param_groups")
+        _check_tensors_only(sd, out)
+        files = _optimizer_files(sd)
+        writer = dcp.HuggingFaceStorageWriter(str(out), fqn_to_index_mapping=files, save_distributed=True)
+        dcp.save(sd, storage_writer=writer, process_group=self.dp or dist.group.WORLD)
+        if self.pos.writes:
+            _save_pt(groups, out / "param_groups.pt")
+
+    def _load_sharded_optimizer(self, src: Path) -> None:
+        """All ranks: the optimizer state from a DCP checkpoint of any data-parallel size: each rank reads the rows of
+        its own shards (from safetensors headers and data; nothing is unpickled)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        if not src.is_dir():
+            raise FileNotFoundError(
+                f"{src} is missing: the checkpoint holds no optimizer state for model-parallel rank "
+                f"{self.pos.model_parallel_rank}; resume with the model-parallel size it was saved with"
+            )
+        groups = _load_pt(src / "param_groups.pt")
+        sd = get_optimizer_state_dict(self.module, self.optimizer)  # this layout's shards (a zero state), filled here
+        sd.pop("param_groups")
+        try:
+            dcp.load(
+                sd, storage_reader=dcp.HuggingFaceStorageReader(str(src)), process_group=self.dp or dist.group.WORLD
+            )
+        except Exception as e:  # DCP reports every rank's failure in one CheckpointException
+            detail = " ".join(str(e).split())[:300]
+            raise ValueError(
+                f"{src}: the sharded optimizer state does not load into this model ({detail}); resume from a "
+                "checkpoint this trainer wrote for the same model and config"
+            ) from None
+        set_optimizer_state_dict(self.module, self.optimizer, {**sd, "param_groups": groups})
 
     def _write_model(self, out: Path) -> None:
-        """All ranks (FSDP gathers with a collective); data-parallel rank 0 writes each model-parallel shard."""
+        """All ranks; data-parallel rank 0 writes each model-parallel shard. FSDP: each parameter is gathered at its
+        turn in the file and dropped once written (a collective every data-parallel rank joins in the same order),
+        so no rank holds more than one full tensor beyond its shards."""
         tensors, dims = model_state(self.module, trainable_only=self.only_save_trainable)
-        if self.fsdp:  # the full (model-parallel local) tensors: same key order on all ranks
-            tensors = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in tensors.items()}
         if not self.pos.writes:
+            if self.fsdp:
+                join_sharded_save(tensors, shard_dims=dims, rank=self.pos.model_parallel_rank)
             return
         save_checkpoint(
             out,

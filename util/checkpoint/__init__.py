@@ -28,7 +28,7 @@ from pathlib import Path
 from util.checkpoint import accessory, gguf, hf, hf_bnb, lazyllama, meta, peft
 from util.checkpoint.errors import CheckpointError
 from util.checkpoint.hf import hf_config_to_params, write_hf_checkpoint
-from util.checkpoint.lazyllama import save_checkpoint
+from util.checkpoint.lazyllama import join_sharded_save, save_checkpoint
 from util.checkpoint.meta import write_meta_checkpoint
 from util.checkpoint.modules import export_meta, model_state, packed_key, save_model, save_quantized
 from util.checkpoint.names import hf_permute_qk, hf_to_meta_name, hf_unpermute_qk, meta_split_dim, meta_to_hf_name
@@ -39,6 +39,7 @@ __all__ = [
     "CheckpointReader",
     "open_checkpoint",
     "save_checkpoint",
+    "join_sharded_save",
     "write_meta_checkpoint",
     "write_hf_checkpoint",
     "meta_split_dim",

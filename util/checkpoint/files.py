@@ -59,9 +59,12 @@ def atomic_write(path: Path) -> Iterator[IO[bytes]]:
 
 def publish_dir(tmp: Path, final: Path) -> None:
     """Make `tmp` appear as `final` in one rename (replacing an older `final`)."""
-    for f in tmp.iterdir():  # file contents durable before the rename that publishes them
-        if f.is_file():
-            fsync_file(f)
+    # file contents (and subdirectories' entries: FSDP's optimizer/ shards) durable before the rename publishes them
+    for path in sorted(tmp.rglob("*"), key=lambda p: -len(p.parts)):
+        if path.is_file():
+            fsync_file(path)
+        elif path.is_dir():
+            fsync_dir(path)
     old = None
     if final.exists():
         old = final.with_name(f".old-{final.name}-{os.getpid()}")

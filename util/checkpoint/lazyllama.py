@@ -13,6 +13,7 @@ Holds the reader (with the checks of the quantization section), the writer and t
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping
@@ -32,7 +33,7 @@ from util.checkpoint.reader import (
     safetensors_piece,
     unknown_file_type,
 )
-from util.checkpoint.safetensors import SafetensorsFile, WriteItem, dtype_name, write_safetensors
+from util.checkpoint.safetensors import SafetensorsFile, WriteItem, dtype_name, write_order, write_safetensors
 
 FORMAT_VERSION = 1
 INDEX = "lazyllama.json"
@@ -248,6 +249,39 @@ def refuse_interrupted_save(path: Path) -> None:
 FORMAT = CheckpointFormat("lazyllama", detect, open_lazyllama, f"{INDEX} (lazyllama)")
 
 
+def _gathered(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (a collective over its mesh); any other tensor as it is."""
+    return t.full_tensor() if _is_sharded(t) else t
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    return hasattr(t, "full_tensor")  # DTensor, without importing torch.distributed where it is not used
+
+
+def _file_items(tensors: Mapping[str, torch.Tensor], dims: Mapping[str, int | None], rank: int) -> list[WriteItem]:
+    """What this model-parallel rank's file holds (split keys; replicated ones on rank 0 only), in write order."""
+    items = [
+        WriteItem(k, t.dtype, tuple(t.shape), functools.partial(_gathered, t))
+        for k, t in tensors.items()
+        if dims[k] is not None or rank == 0
+    ]
+    return write_order(items)
+
+
+def join_sharded_save(
+    tensors: Mapping[str, torch.Tensor], *, shard_dims: Mapping[str, int | None], rank: int = 0
+) -> int:
+    """On a rank that holds shards of the tensors another rank saves with `save_checkpoint` (an FSDP rank other
+    than data-parallel rank 0): take part in each gather, in the writer's order, dropping every result at once.
+    Returns the count of gathers joined."""
+    joined = 0
+    for it in _file_items(tensors, {k: shard_dims[k] for k in tensors}, rank):
+        if _is_sharded(tensors[it.name]):
+            it.produce()  # the collective; the result is dropped at once
+            joined += 1
+    return joined
+
+
 def save_checkpoint(
     out_dir: str | Path,
     tensors: Mapping[str, torch.Tensor],
@@ -265,7 +299,10 @@ def save_checkpoint(
     `tensors` are this rank's local tensors (its slice of split ones); `shard_dims[key]` is the dim a key is
     split on across ranks (None: replicated - written by rank 0 only, since every rank holds the same values).
     Each rank writes consolidated.{rank:02d}.safetensors atomically (temp file, fsync, os.replace), streaming
-    one tensor at a time (non-contiguous or GPU tensors are copied to CPU one at a time). Rank 0 also writes
+    one tensor at a time (non-contiguous or GPU tensors are copied to CPU one at a time). A sharded DTensor
+    (FSDP's parameters) is gathered (`full_tensor()`) at its turn and dropped once written, so the writing rank
+    holds one full tensor at a time; every other rank of its mesh must join those gathers, in the same order,
+    with `join_sharded_save` (same tensors, shard dims and rank). Rank 0 also writes
     params.json (when `config` is given) and lazyllama.json, atomically, after its weights, and removes rank
     files left over from an earlier save with a larger model-parallel size. An exception mid-write leaves the
     previous file in place. Caveat: atomicity is per file; a crash of one rank of several can leave a mix of
@@ -293,8 +330,8 @@ def save_checkpoint(
             )
         if t.device.type == "meta":
             raise CheckpointError(f"save_checkpoint({out}): {k!r} is still on the meta device (not materialized)")
-    mine = {k: t for k, t in tensors.items() if dims[k] is not None or rank == 0}
-    items = [WriteItem(k, t.dtype, tuple(t.shape), (lambda t=t: t)) for k, t in mine.items()]
+    items = _file_items(tensors, dims, rank)
+    mine = {it.name for it in items}
     metadata = {
         "format": "lazyllama",
         "format_version": str(FORMAT_VERSION),

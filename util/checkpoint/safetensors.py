@@ -176,6 +176,13 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
 
 
+def write_order(items: Iterable[WriteItem]) -> list[WriteItem]:
+    """The order write_safetensors produces and writes `items` in: largest elements first (aligned offsets), the
+    caller's order within one element size (sorted() is stable). Ranks that must join each `produce` of a sharded
+    tensor (a collective) walk this same order."""
+    return sorted(items, key=lambda it: -itemsize(it.dtype))
+
+
 def write_safetensors(f: IO[bytes], items: list[WriteItem], metadata: Mapping[str, str] | None) -> None:
     """Stream a safetensors file: header first, then each tensor's bytes, one tensor in memory at a time.
 
@@ -186,8 +193,7 @@ def write_safetensors(f: IO[bytes], items: list[WriteItem], metadata: Mapping[st
     """
     if sys.byteorder != "little":
         raise CheckpointError("writing safetensors on a big-endian machine is not supported")
-    # Largest elements first; sorted() is stable, so the caller's order holds within one element size.
-    items = sorted(items, key=lambda it: -itemsize(it.dtype))
+    items = write_order(items)
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
