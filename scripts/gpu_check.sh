@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU paths in one run (issue 16), under 10 minutes on one GPU; one summary table at the end.
+# The GPU paths in one run (issue 16): about 12 minutes on one GPU at the step limits (--no-bench: under 9, so it
+# fits one 10-minute device call); one summary table at the end.
 #   scripts/gpu_check.sh              # on a GPU machine
 #   scripts/gpu_check.sh --dry-run    # print the steps and run nothing
 #   scripts/gpu_check.sh --no-bench   # leave out the 7B build (with the multiprocess step, the longest)
