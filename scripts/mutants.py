@@ -297,6 +297,13 @@ MUTANTS = [
         (MEMORY, "-k", "fsdp"),
     ),
     Mutant(
+        "QLoRA under FSDP: a shard keeps the first rows of the codes, not its own",
+        "util/lazy_init.py",
+        "        shard.to_local().copy_(codes[a:b])",
+        "        shard.to_local().copy_(codes[: b - a])",
+        (FSDP_BUILD, "-k", "4bit"),
+    ),
+    Mutant(
         "finiteness checked in the first chunk only",
         "util/lazy_init.py",
         "    for lo in range(0, flat.numel(), chunk):",
