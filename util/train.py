@@ -672,7 +672,7 @@ class Trainer:
         """One optimizer step over `micro_batches` ((tokens, labels[, images]) each): accumulate the gradients,
         clip, update at the schedule's learning rate, advance the iteration."""
         per_example = [labelled_targets(batch[1]) for batch in micro_batches]
-        step_targets = int(sum(int(t.sum()) for t in per_example))
+        step_targets = self._step_divisor(int(sum(int(t.sum()) for t in per_example)))
         loss = self._accumulate_gradients(micro_batches, step_targets)
         lr = self.schedule(self.iteration)
         tokens = sum(batch[0].numel() for batch in micro_batches)
@@ -683,7 +683,7 @@ class Trainer:
         empty = sum(int((t == 0).sum()) for t in per_example)
         return StepResult(mean_loss, lr, grad_norm, int(all_tokens), empty, skipped=not updated)
 
-    def _micro_batch_loss(self, batch: tuple[torch.Tensor, ...], step_targets: int) -> torch.Tensor:
+    def _micro_batch_loss(self, batch: tuple[torch.Tensor, ...], step_targets: float) -> torch.Tensor:
         tokens, labels, *images = (t.to(self.device, non_blocking=True) for t in batch)
         # The head in chunks (util.loss), outside the model's forward: under FSDP2 the root module (embedding, norm,
         # head) is not resharded after its forward, so the head's full weight is there until backward reshards it.
@@ -694,7 +694,7 @@ class Trainer:
         return loss_sum / max(step_targets, 1)
 
     def _accumulate_gradients(
-        self, micro_batches: Sequence[tuple[torch.Tensor, ...]], step_targets: int
+        self, micro_batches: Sequence[tuple[torch.Tensor, ...]], step_targets: float
     ) -> torch.Tensor:
         """Backward of each micro-batch's loss; gradients are synchronized across data parallel on the last one
         only. Returns the sum of the back-propagated losses (before fp16 loss scaling), in float64."""
@@ -726,8 +726,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return norm, updated
 
+    def _step_divisor(self, local_targets: int) -> float:
+        """What each rank divides its loss sum by: the labelled tokens of the whole data-parallel group's step over
+        the group size (DDP and FSDP average the gradients over the group, which gives the size back). So the step
+        is one large batch however its tokens fall on the ranks - not a mean of per-rank means."""
+        if self.pos.data_parallel_size == 1:
+            return local_targets
+        total = torch.tensor(float(local_targets), dtype=torch.float64, device=self.device)
+        dist.all_reduce(total, group=self.dp)
+        return float(total) / self.pos.data_parallel_size
+
     def _mean_loss_and_total_tokens(self, loss: torch.Tensor, tokens: int) -> tuple[float, float]:
-        """The loss averaged over the data-parallel ranks (as their gradients are), the tokens summed."""
+        """The step's loss over the data-parallel group (the ranks' losses summed over the group size: each rank's
+        is its loss sum over the group's labelled tokens times the size), the tokens summed."""
         if self.pos.data_parallel_size == 1:
             return float(loss), float(tokens)
         both = torch.stack([loss, torch.tensor(float(tokens), dtype=torch.float64, device=self.device)])

@@ -18,8 +18,7 @@ from util.checkpoint import open_checkpoint
 from util.train import TrainConfig, Trainer
 
 LR, BETAS, WEIGHT_DECAY = 1e-3, (0.9, 0.95), 0.02  # the project's AdamW: betas (0.9, 0.95), decay on matrices
-# (length, prompt length): a padded batch of varied lengths; the two halves of the four have 12 labelled targets
-# each, so data parallel 2 (each rank its own mean, averaged like DDP's gradients) is exactly one batch of four.
+# (length, prompt length): a padded batch of varied lengths, 7 + 5 + 6 + 6 labelled targets.
 EXAMPLES = [example(n, p, seed=10 + i) for i, (n, p) in enumerate([(10, 3), (7, 2), (12, 6), (9, 3)])]
 
 
@@ -197,10 +196,12 @@ def _clip_worker(rank, hf_dir, model_parallel, lora_values, clip, expected_loss,
     info = init_distributed(model_parallel_size=model_parallel)
     mp_rank, mp_size = info.model_parallel_rank, info.model_parallel_size
     model = _ours(hf_dir, lora_values, rank=mp_rank, world_size=mp_size)
-    # data parallel: each rank takes its half of the four examples; model parallel: both take all four
+    # data parallel: rank 0 takes one example (7 labelled targets), rank 1 the other three (17): the step must
+    # still be the one batch of four (the group's tokens divide, not each rank's own); model parallel: all four
     dp_rank, dp_size = info.data_parallel_rank, info.data_parallel_size
-    mine = EXAMPLES[dp_rank * 4 // dp_size : (dp_rank + 1) * 4 // dp_size]
-    trainer, _ = _trainer(model, f"{tmp}/rank{rank}", batch_size=1, accum_iter=len(mine), clip_grad=clip)
+    mine = EXAMPLES if dp_size == 1 else (EXAMPLES[:1] if dp_rank == 0 else EXAMPLES[1:])
+    # (the trainer is handed the micro-batches: its accum_iter only sizes its own data loader, unused here)
+    trainer, _ = _trainer(model, f"{tmp}/rank{rank}", batch_size=1, accum_iter=1, clip_grad=clip)
     result = trainer.train_step(_micro_batches(mine, 1))
     assert result.loss == pytest.approx(expected_loss, rel=1e-6)
     assert result.grad_norm > 100 * clip  # clipping really scaled the gradients down
