@@ -304,6 +304,13 @@ MUTANTS = [
         (FSDP_BUILD, "-k", "4bit"),
     ),
     Mutant(
+        "data parallel: each rank divides by its own labelled tokens (a mean of per-rank means)",
+        "util/train.py",
+        "        return float(total) / self.pos.data_parallel_size",
+        "        return local_targets",
+        (TRAIN_REF, "-k", "data-parallel-2"),
+    ),
+    Mutant(
         "finiteness checked in the first chunk only",
         "util/lazy_init.py",
         "    for lo in range(0, flat.numel(), chunk):",
