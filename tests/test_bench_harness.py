@@ -30,6 +30,11 @@ elif mode == "reset":  # a stage that resets VmHWM after a peak (what keep_peak_
     del held
     harness.reset_hwm()
     harness.emit("reset", {{}})
+elif mode == "later":  # the build peak comes first, a bigger one later (a build child's test forward pass)
+    peak = harness.hwm()
+    held = b"x" * (300 << 20)
+    time.sleep(0.5)
+    harness.emit("later", {{"peak_rss": peak, "peak_rss_with_forward": harness.hwm()}})
 """
 
 
@@ -53,6 +58,8 @@ def test_a_child_whose_peak_counter_was_reset_is_flagged(session):
     assert rec["status"] == "ok" and rec["sampled_peak_rss"] > rec["peak_rss"] + (200 << 20)
     assert "VmHWM was reset" in rec["warning"]
     assert "warning" not in session.spawn("ok", ["7"])
+    later = session.spawn("later", [])  # a later peak the child reports itself is no reset
+    assert later["sampled_peak_rss"] > later["peak_rss"] + (200 << 20) and "warning" not in later
 
 
 def test_a_failing_child_is_reported_with_its_exception(session):
