@@ -121,3 +121,10 @@ def test_cli_args_and_median_range():
     assert args == ["--shape", "tiny", "--ckpt-dir", "/x", "--trace"]
     assert harness.median_range([3.0, 1.0, 2.0], ".1f") == "2.0 (1.0-3.0)"
     assert harness.median_range([1.25], ".2f") == "1.25" and harness.median_range([], ".1f") == "-"
+
+
+def test_llama3_presets_have_the_published_parameter_counts():
+    """The bench shapes are the real models' (Meta-Llama-3-8B: 8,030,261,248 parameters with its untied head;
+    Llama-3.2-1B: 1,235,814,400 with the head tied to the embedding)."""
+    assert harness.n_params(harness.preset("llama3-8B")) == 8_030_261_248
+    assert harness.n_params(harness.preset("llama3.2-1B")) == 1_235_814_400
