@@ -420,7 +420,10 @@ class Session:
             process_s=time.perf_counter() - start,
             sources_sha256=digest if digest == now_digest else f"{digest}->{now_digest} (edited)",
         )
-        if record["status"] == "ok" and sampled_peak > record["peak_rss"] + (64 << 20):
+        # the parent samples the whole child, so compare with the child's peak over all it did (a build child's
+        # test forward pass comes after its build peak)
+        child_peak = max(record.get("peak_rss", 0), record.get("peak_rss_with_forward") or 0)
+        if record["status"] == "ok" and sampled_peak > child_peak + (64 << 20):
             # The parent saw more than the child's own peak: something reset the child's VmHWM (a library stage
             # reporting its own peak), so its peak_rss understates the whole process's.
             record["warning"] = f"peak_rss below the parent's sampled {fmt_gib(sampled_peak)} GiB: VmHWM was reset"

@@ -52,8 +52,18 @@ def _tokens(vocab: int, batch: int, seq: int):
     return torch.randint(3, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
 
 
-def _time_steps(step, n_steps: int, device) -> dict:
-    """One warm-up step, then n timed ones; memory peak over the steps only."""
+def _profile_step(step, rows: int) -> str:
+    """One more step under torch.profiler: the operators that took the most CPU time, as a table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def _time_steps(step, n_steps: int, device, profile_rows: int = 0) -> dict:
+    """One warm-up step, then n timed ones; memory peak over the steps only; then, with profile_rows, one
+    profiled step (not timed)."""
     import torch
 
     step()
@@ -61,17 +71,21 @@ def _time_steps(step, n_steps: int, device) -> dict:
     reset_hwm()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
+    times, loads = [], []
     for _ in range(n_steps):
         t0 = time.perf_counter()
         loss = step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
+        loads.append(os.getloadavg()[0])  # the 1-minute load as the step ends: a shared machine's steps differ
     peak_cuda = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     steps = hwm()
+    profiled = {"profile": _profile_step(step, profile_rows)} if profile_rows else {}
     return {
+        **profiled,
         "step_s": times,
+        "load_1m": loads,
         "loss": loss,
         "peak_rss_steps": steps,
         "peak_rss": max(peak_before, steps),
@@ -115,7 +129,7 @@ def child_ours(opts) -> dict:
         "build_s": build_s,
         "rss_after_build": rss_after_build,
         "trainable": trainable,
-        **_time_steps(step, opts.steps, device),
+        **_time_steps(step, opts.steps, device, opts.profile),
     }
 
 
@@ -166,7 +180,7 @@ def child_hf(opts) -> dict:
         "trainable": trainable,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
-        **_time_steps(step, opts.steps, device),
+        **_time_steps(step, opts.steps, device, opts.profile),
     }
 
 
@@ -180,18 +194,21 @@ def table(results: dict, opts) -> str:
         f"warm-up, activation checkpointing {'on' if opts.checkpointing else 'off'}; load average "
         f"{os.getloadavg()[0]:.1f}",
         "",
-        "| flow | build s | RSS after build | peak RSS in steps | peak CUDA | step s (median) | tokens/s | trainable |",
-        "|---|---|---|---|---|---|---|---|",
+        "| flow | build s | RSS after build | peak RSS in steps | peak CUDA | step s (median) | tokens/s | "
+        "best step s | best tokens/s | load per step | trainable |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for flow, r in results.items():
         if r.get("status") != "ok":
-            rows.append(f"| {flow} | {r.get('status')}: {r.get('error', '')[-200:].strip()!r} |||||||")
+            rows.append(f"| {flow} | {r.get('status')}: {r.get('error', '')[-200:].strip()!r} ||||||||||")
             continue
         step = statistics.median(r["step_s"])
         rows.append(
             f"| {flow} | {r['build_s']:.1f} | {_gib(r['rss_after_build'])} | {_gib(r['peak_rss_steps'])} | "
             f"{_gib(r['peak_cuda_steps']) if r['peak_cuda_steps'] else '-'} | {step:.2f} | "
-            f"{opts.batch * opts.seq / step:.1f} | {r['trainable']:,} |"
+            f"{opts.batch * opts.seq / step:.1f} | {min(r['step_s']):.2f} | "
+            f"{opts.batch * opts.seq / min(r['step_s']):.1f} | "
+            f"{' '.join(f'{x:.1f}' for x in r.get('load_1m', []))} | {r['trainable']:,} |"
         )
     return "\n".join(rows)
 
@@ -203,7 +220,11 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--flows", default="ours,hf", help="of ours, ours-plain (the loss from full logits), hf")
+    ap.add_argument("--rounds", type=int, default=1, help="run the flows this many times, in turn")
     ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument(
+        "--profile", type=int, default=0, metavar="ROWS", help="after the timed steps, profile one more (top ROWS ops)"
+    )
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--ckpt", default=None, help="HF checkpoint for the hf flow (default: the synthetic one)")
     ap.add_argument("--child", choices=["ours", "ours-plain", "hf"], help=argparse.SUPPRESS)
@@ -223,9 +244,19 @@ def main() -> int:
         steps=opts.steps,
         ckpt=opts.ckpt,
         checkpointing=opts.checkpointing,
+        profile=opts.profile or None,
     )
-    results = {flow: session.spawn(flow, child_args) for flow in flows}
+    # --rounds N runs the flows N times in turn (ours, hf, ours, hf, ...): on a shared machine a busy spell then
+    # hits both sides instead of one side's repeats
+    results = {}
+    for i in range(opts.rounds):
+        for flow in flows:
+            tag = flow if opts.rounds == 1 else f"{flow}#{i + 1}"
+            results[tag] = session.spawn(flow, child_args, tag=tag)
     md = table(results, opts)
+    for tag, r in results.items():
+        if r.get("profile"):
+            md += f"\n\n{tag}: one profiled step, operators by self CPU time\n\n```\n{r['profile']}```"
     print(md)
     session.save(f"QLoRA step: {opts.shape}", md, {"opts": vars(opts), **results})
     return 0 if all(r.get("status") in ("ok", "not installed") for r in results.values()) else 1

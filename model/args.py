@@ -326,6 +326,17 @@ PRESETS: dict[str, ModelArgs] = {
     ),
 }
 PRESETS["llama3.2-1B-2L"] = PRESETS["llama3.2-1B"].replace(n_layers=2)
+# Llama 3 8B's shape: the 128k vocabulary with an untied head (two 1 GB bf16 tensors at this width)
+PRESETS["llama3-8B"] = ModelArgs(
+    dim=4096,
+    n_layers=32,
+    n_heads=32,
+    n_kv_heads=8,
+    vocab_size=128256,
+    ffn_hidden_dim=14336,
+    rope_theta=500000.0,
+    max_seq_len=2048,
+)
 
 
 def preset(name: str, **overrides: Any) -> ModelArgs:

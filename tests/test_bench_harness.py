@@ -30,6 +30,11 @@ elif mode == "reset":  # a stage that resets VmHWM after a peak (what keep_peak_
     del held
     harness.reset_hwm()
     harness.emit("reset", {{}})
+elif mode == "later":  # the build peak comes first, a bigger one later (a build child's test forward pass)
+    peak = harness.hwm()
+    held = b"x" * (300 << 20)
+    time.sleep(0.5)
+    harness.emit("later", {{"peak_rss": peak, "peak_rss_with_forward": harness.hwm()}})
 """
 
 
@@ -53,6 +58,8 @@ def test_a_child_whose_peak_counter_was_reset_is_flagged(session):
     assert rec["status"] == "ok" and rec["sampled_peak_rss"] > rec["peak_rss"] + (200 << 20)
     assert "VmHWM was reset" in rec["warning"]
     assert "warning" not in session.spawn("ok", ["7"])
+    later = session.spawn("later", [])  # a later peak the child reports itself is no reset
+    assert later["sampled_peak_rss"] > later["peak_rss"] + (200 << 20) and "warning" not in later
 
 
 def test_a_failing_child_is_reported_with_its_exception(session):
@@ -114,3 +121,10 @@ def test_cli_args_and_median_range():
     assert args == ["--shape", "tiny", "--ckpt-dir", "/x", "--trace"]
     assert harness.median_range([3.0, 1.0, 2.0], ".1f") == "2.0 (1.0-3.0)"
     assert harness.median_range([1.25], ".2f") == "1.25" and harness.median_range([], ".1f") == "-"
+
+
+def test_llama3_presets_have_the_published_parameter_counts():
+    """The bench shapes are the real models' (Meta-Llama-3-8B: 8,030,261,248 parameters with its untied head;
+    Llama-3.2-1B: 1,235,814,400 with the head tied to the embedding)."""
+    assert harness.n_params(harness.preset("llama3-8B")) == 8_030_261_248
+    assert harness.n_params(harness.preset("llama3.2-1B")) == 1_235_814_400

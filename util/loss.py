@@ -6,7 +6,9 @@ the log-softmax temporaries. Here only the labelled positions go through the hea
 IGNORE_INDEX never need logits), in chunks of rows sized so a chunk's logits stay around CHUNK_ELEMENTS, and
 each chunk is checkpointed: its logits are freed right after its loss is taken and recomputed in backward, so at
 most one chunk's logits (and their gradient) exist at any time. The cost is one more head matmul per chunk in
-backward; what is saved is memory that grows with vocabulary x sequence.
+backward; what is saved is memory that grows with vocabulary x sequence. When the head is frozen (QLoRA: no
+head parameter needs a gradient) even that matmul is saved: each chunk's gradient for its hidden rows is taken
+in forward, while its logits exist, and kept instead of the logits ([rows, dim], vocab/dim times smaller).
 
 The value and the gradients equal the plain loss's (same per-row math; only the order of the final sum differs).
 Model parallel: `head` is the model's own `logits` (column-parallel over the vocabulary and gathered, or the tied
@@ -43,6 +45,27 @@ def _chunk_loss(head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, t
     return F.cross_entropy(head(h).float(), targets, reduction="sum")
 
 
+class _FrozenHeadChunkLoss(torch.autograd.Function):
+    """A chunk's loss whose gradient with respect to its hidden rows is taken in forward, while the chunk's
+    logits exist, and kept ([rows, dim], small): backward only scales it, so nothing is recomputed. Two head
+    matmuls per chunk as in the plain loss, where the checkpointed chunk needs three. Only valid when no head
+    parameter needs a gradient (QLoRA: the head is frozen); the caller checks."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, targets: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor]):
+        with torch.enable_grad():
+            leaf = h.detach().requires_grad_(True)
+            loss = _chunk_loss(head, leaf, targets)
+            (grad_h,) = torch.autograd.grad(loss, leaf)
+        ctx.save_for_backward(grad_h)
+        return loss.detach()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (grad_h,) = ctx.saved_tensors
+        return (grad_h * grad_out).to(grad_h.dtype), None, None
+
+
 def chunked_token_loss(
     hidden: torch.Tensor,
     head: Callable[[torch.Tensor], torch.Tensor],
@@ -50,11 +73,16 @@ def chunked_token_loss(
     *,
     vocab_size: int,
     chunk_elements: int = CHUNK_ELEMENTS,
+    head_frozen: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """`plain_token_loss(head(hidden), labels)` without ever holding more than one chunk of logits.
 
     hidden: the final-norm hidden states [batch, seq, dim] (Transformer.forward(..., return_hidden=True));
     head: hidden rows [n, dim] -> logits [n, vocab] (Transformer.logits); vocab_size sizes the chunks.
+    head_frozen: no parameter used by `head` requires a gradient (a quantized or frozen head); then each chunk's
+    gradient for `hidden` is taken in forward instead of recomputing its logits in backward (one head matmul
+    per chunk less). Passing True for a trainable head would silently drop the head's gradients: the caller
+    must know (model_token_loss checks the model's head parameters).
     """
     if hidden.shape[:2] != labels.shape:
         raise ValueError(f"hidden states {tuple(hidden.shape)} do not match labels {tuple(labels.shape)}")
@@ -72,7 +100,12 @@ def chunked_token_loss(
         h, targets = h.index_select(0, keep), targets.index_select(0, keep)
     rows = max(1, chunk_elements // max(vocab_size, 1))
     total = None
+    grad_in_forward = head_frozen and torch.is_grad_enabled() and h.requires_grad
     for start in range(0, n, rows):
+        if grad_in_forward:
+            part = _FrozenHeadChunkLoss.apply(h[start : start + rows], targets[start : start + rows], head)
+            total = part if total is None else total + part
+            continue
         part = checkpoint(
             _chunk_loss,
             head,
@@ -100,4 +133,13 @@ def model_token_loss(
     if not chunked:
         return plain_token_loss(model(tokens, **kwargs), labels)
     hidden = model(tokens, return_hidden=True, **kwargs)
-    return chunked_token_loss(hidden, base.logits, labels, vocab_size=base.args.vocab_size)
+    return chunked_token_loss(
+        hidden, base.logits, labels, vocab_size=base.args.vocab_size, head_frozen=not head_requires_grad(base)
+    )
+
+
+def head_requires_grad(base: torch.nn.Module) -> bool:
+    """Whether any parameter of the Transformer's head (its `output`, or the token embedding when tied; with
+    whatever wraps it) requires a gradient."""
+    head = base.output if base.output is not None else base.tok_embeddings
+    return any(p.requires_grad for p in head.parameters())

@@ -103,13 +103,100 @@ def test_model_token_loss_switch_and_images_argument():
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+def _frozen_head_model(tied):
+    model = _model(tie_word_embeddings=tied)
+    head = model.tok_embeddings if tied else model.output
+    head.weight.requires_grad_(False)  # as under QLoRA: the head (or the tied embedding) is frozen
+    return model
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_frozen_head_gradient_in_forward_equals_plain(tied):
+    """With a frozen head each chunk's gradient for the hidden states is taken in forward (no recomputation):
+    value and every gradient still equal the plain loss's, also when the loss is scaled before backward."""
+    model = _frozen_head_model(tied)
+    tokens, labels = _batch()
+    plain = _loss_and_grads(model, tokens, labels)
+    for rows in (1, 3, 100):
+        _assert_same(_loss_and_grads(model, tokens, labels, chunk_elements=rows * VOCAB, head_frozen=True), plain)
+    assert ("output.weight" if not tied else "tok_embeddings.weight") not in plain[2]
+    assert "layers.0.attention.wq.weight" in plain[2]
+
+    model.zero_grad(set_to_none=True)  # a non-unit upstream gradient (the loss divided by the token count)
+    loss, n = chunked_token_loss(
+        model(tokens, return_hidden=True),
+        model.logits,
+        labels,
+        vocab_size=VOCAB,
+        chunk_elements=3 * VOCAB,
+        head_frozen=True,
+    )
+    (loss / n * 0.25).backward()
+    for k, g in plain[2].items():
+        torch.testing.assert_close(dict(model.named_parameters())[k].grad, g / n * 0.25, rtol=1e-6, atol=1e-7)
+
+
+def test_model_token_loss_uses_the_frozen_path_only_for_a_frozen_head():
+    """model_token_loss decides from the model: a frozen head runs the head once per chunk (gradient taken in
+    forward), a trainable one twice (forward and the checkpoint's recomputation) and gets its gradient."""
+    tokens, labels = _batch()
+    for frozen in (True, False):
+        model = _frozen_head_model(tied=False) if frozen else _model()
+        calls = []
+        model.output.register_forward_hook(lambda mod, inp, out, calls=calls: calls.append(out.shape[0]))
+        loss, n = model_token_loss(model, model, tokens, labels)
+        loss.backward()
+        assert sum(calls) == (n if frozen else 2 * n), (frozen, calls)
+        assert (model.output.weight.grad is None) == frozen
+
+
+def _saved_tensors_of_graph(loss):
+    """Every tensor the autograd graph behind `loss` keeps for backward (what stays alive until backward)."""
+    out, seen, stack = [], set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for name in dir(node):
+            if name.startswith("_saved_") or name == "saved_tensors":
+                value = getattr(node, name)
+                values = value if isinstance(value, tuple) else (value,)
+                out += [v for v in values if isinstance(v, torch.Tensor)]
+        stack += [f for f, _ in node.next_functions]
+    return out
+
+
+def test_frozen_head_path_keeps_no_logits_and_skips_work_without_grad():
+    model = _frozen_head_model(tied=False)
+    tokens, labels = _batch()
+    hidden = model(tokens, return_hidden=True)
+    frozen, _ = chunked_token_loss(
+        hidden, model.logits, labels, vocab_size=VOCAB, chunk_elements=4 * VOCAB, head_frozen=True
+    )
+    plain, _ = plain_token_loss(model.logits(hidden), labels)
+    vocab_sized = [
+        [t.shape for t in _saved_tensors_of_graph(x) if t.dim() and t.shape[-1] == VOCAB] for x in (frozen, plain)
+    ]
+    assert vocab_sized[0] == [], vocab_sized[0]  # only [rows, dim] gradients are kept: no logits, no weight copy
+    assert vocab_sized[1], "the walk finds the plain loss's logits (so it would find the chunked ones)"
+    with torch.no_grad():  # evaluation: no gradient is taken in forward either
+        a, _ = model_token_loss(model, model, tokens, labels)
+        b, _ = model_token_loss(model, model, tokens, labels, chunked=False)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def _mp_worker(rank, tied):
     init_distributed(model_parallel_size=2)
     model = _model(tie_word_embeddings=tied)
     tokens, labels = _batch()
     plain = _loss_and_grads(model, tokens, labels)
     chunked = _loss_and_grads(model, tokens, labels, chunk_elements=3 * VOCAB)
-    return plain, chunked
+    # the frozen head: its collectives run inside forward's gradient, on identical chunks on both ranks
+    (model.tok_embeddings if tied else model.output).weight.requires_grad_(False)
+    frozen_plain = _loss_and_grads(model, tokens, labels)
+    frozen = _loss_and_grads(model, tokens, labels, chunk_elements=3 * VOCAB, head_frozen=True)
+    return plain, chunked, frozen_plain, frozen
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -118,6 +205,7 @@ def test_model_parallel_2_chunked_equals_plain_and_model_parallel_1(tied):
     logits are gathered/reduced inside the checkpointed chunk, in forward and again in the recomputation."""
     ranks = run_multiprocess(_mp_worker, 2, tied)
     single = _loss_and_grads(_model(tie_word_embeddings=tied), *_batch())
-    for plain, chunked in ranks:
+    for plain, chunked, frozen_plain, frozen in ranks:
         _assert_same(chunked, plain)
+        _assert_same(frozen, frozen_plain)
         torch.testing.assert_close(chunked[0], single[0], rtol=1e-5, atol=1e-5)

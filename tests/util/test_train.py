@@ -203,7 +203,10 @@ def test_the_logged_loss_and_gradients_equal_an_independent_step(env, tmp_path, 
     assert logged == pytest.approx(loss, rel=1e-6)
     assert grads.keys() == expected.keys() and len(grads) == 2 * 7 * 2
     for name in expected:
-        torch.testing.assert_close(grads[name], expected[name], rtol=1e-5, atol=1e-9)
+        # rtol 1e-4: with the frozen head util.loss scales the head's input gradient by 1/count after the head
+        # matmul, the reference before it (same math, another rounding order: measured up to 4e-5 relative on
+        # single near-cancelling elements, 1.6e-8 absolute, depending on the thread count)
+        torch.testing.assert_close(grads[name], expected[name], rtol=1e-4, atol=1e-8)
     if clip:
         total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
         assert float(total) == pytest.approx(clip, rel=1e-4)
