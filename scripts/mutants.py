@@ -217,8 +217,8 @@ MUTANTS = [
     Mutant(
         "the per-weight seed of quantized linears ignored",
         "util/lazy_init.py",
-        "            torch.manual_seed(module_seed(self.seed, weight.key))\n            module.quantize_weight_(",
-        "            torch.manual_seed(self.seed)\n            module.quantize_weight_(",
+        "            torch.manual_seed(module_seed(self.seed, weight.key))\n            packed = module.quantize(",
+        "            torch.manual_seed(self.seed)\n            packed = module.quantize(",
         (ROPE_INIT, "-k", "quantized_linears"),
     ),
     Mutant(
@@ -232,9 +232,10 @@ MUTANTS = [
     Mutant(
         "no page release on the quantize-on-arrival path",
         "util/lazy_init.py",
-        "            weight.source.release(weight.key)\n"
-        "            self.report.loaded += 1\n            self.report.quantized",
-        "            self.report.loaded += 1\n            self.report.quantized",
+        "            weight.source.release(weight.key)\n            self.report.loaded += 1\n        else:\n"
+        "            torch.manual_seed(module_seed(self.seed, weight.key))\n            packed",
+        "            self.report.loaded += 1\n        else:\n"
+        "            torch.manual_seed(module_seed(self.seed, weight.key))\n            packed",
         (MEMORY, "-k", "arrival-from-bf16"),
     ),
     Mutant(

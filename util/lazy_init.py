@@ -524,26 +524,11 @@ class _Filler:
         # layer's own full-precision init. From a pre-quantized checkpoint it arrives packed.
         module, weight = mp.module, mp.planned("weight")
         if is_sharded(module.weight):
-            self._fill_sharded_codes(module, weight)
+            self._keep_code_rows(module, weight)
         elif weight.packed is not None:
             self._adopt_packed(module, weight)
-        elif weight.source is not None:
-            where = weight.source.file_of(weight.key)
-            try:
-                module.quantize_weight_(self._read(module, weight), device=self.device)
-            except NonFiniteWeight as e:
-                raise ValueError(
-                    f"tensor {weight.key!r} in {where} cannot be quantized: {e}. The checkpoint is damaged "
-                    "(or diverged in training): load an earlier one"
-                ) from None
-            weight.source.release(weight.key)
-            self.report.loaded += 1
-            self.report.quantized += 1
         else:
-            torch.manual_seed(module_seed(self.seed, weight.key))
-            module.quantize_weight_(module.init_weight(self.device), device=self.device)
-            self.report.initialized += 1
-            self.report.quantized += 1
+            module.install_(self._quantize(module, weight))
         bias = mp.planned("bias")
         if bias is not None:  # a plain tensor (or its rows under FSDP): from the checkpoint, else zero
             module.bias = nn.Parameter(self._storage(module.bias), module.bias.requires_grad)
@@ -555,28 +540,37 @@ class _Filler:
                     self.report.initialized += 1
             _check_finite(bias.key, module.bias, bias.source.file_of(bias.key) if bias.source else "")
 
-    def _fill_sharded_codes(self, module: QuantLinear, weight: TensorPlan) -> None:
-        """QLoRA under FSDP: the whole weight of this model-parallel slice is quantized (as unsharded; one tensor in
-        flight, read from the mapping or initialized), this rank keeps its rows of the codes and the whole
-        quantization state (its blocks' scales and the double quantization span the whole weight)."""
+    def _quantize(self, module: QuantLinear, weight: TensorPlan) -> tuple:
+        """The packed form of this layer's weight (not installed), quantized from its checkpoint slice (possibly an
+        mmap view, read chunk by chunk; its pages released after) or from the layer's own full-precision init."""
+        if weight.source is not None:
+            where = weight.source.file_of(weight.key)
+            try:
+                packed = module.quantize(self._read(module, weight), device=self.device)
+            except NonFiniteWeight as e:
+                raise ValueError(
+                    f"tensor {weight.key!r} in {where} cannot be quantized: {e}. The checkpoint is damaged "
+                    "(or diverged in training): load an earlier one"
+                ) from None
+            weight.source.release(weight.key)
+            self.report.loaded += 1
+        else:
+            torch.manual_seed(module_seed(self.seed, weight.key))
+            packed = module.quantize(module.init_weight(self.device), device=self.device)
+            self.report.initialized += 1
+        self.report.quantized += 1
+        return packed
+
+    def _keep_code_rows(self, module: QuantLinear, weight: TensorPlan) -> None:
+        """QLoRA under FSDP: the whole weight of this model-parallel slice is quantized as unsharded (one tensor in
+        flight); this rank keeps its rows of the codes and the whole quantization state (its blocks' scales and
+        the double quantization span the whole weight)."""
         if weight.packed is not None:
             raise ValueError(
                 f"{weight.key}: a pre-quantized checkpoint ({weight.packed.path}) cannot be loaded into an "
                 "FSDP-sharded 4-bit model yet; build from the full-precision checkpoint with --quant 4bit"
             )
-        if weight.source is not None:
-            where = weight.source.file_of(weight.key)
-            try:
-                codes, state = module.quantize(self._read(module, weight), device=self.device)
-            except NonFiniteWeight as e:
-                raise ValueError(f"tensor {weight.key!r} in {where} cannot be quantized: {e}") from None
-            weight.source.release(weight.key)
-            self.report.loaded += 1
-        else:
-            torch.manual_seed(module_seed(self.seed, weight.key))
-            codes, state = module.quantize(module.init_weight(self.device), device=self.device)
-            self.report.initialized += 1
-        self.report.quantized += 1
+        codes, state = self._quantize(module, weight)
         shard = self._storage(module.weight)
         a, b = shard_rows(module.weight, weight.key)
         shard.to_local().copy_(codes[a:b])

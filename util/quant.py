@@ -328,10 +328,11 @@ class QuantLinear(nn.Module):
 
     def quantize_weight_(self, weight: torch.Tensor, *, device: torch.device | str) -> None:
         """Quantize `weight` (this rank's full-precision local slice, any float dtype, may be an mmap view)."""
-        if self.spec.bits == 4:
-            self._install_4bit(*self.quantize(weight, device=device))
-        else:
-            self._install_8bit(*self.quantize(weight, device=device))
+        self.install_(self.quantize(weight, device=device))
+
+    def install_(self, packed: tuple) -> None:
+        """Make `quantize`'s result this layer's weight."""
+        (self._install_4bit if self.spec.bits == 4 else self._install_8bit)(*packed)
 
     def quantize(self, weight: torch.Tensor, *, device: torch.device | str) -> tuple:
         """The packed form of `weight` without installing it: (codes, QuantState) at 4 bits, (CB, SCB) at 8."""
