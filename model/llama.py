@@ -13,6 +13,7 @@ from torch import nn
 from model.adapter import AdapterGate, AdapterPrompt
 from model.args import ModelArgs
 from model.layers import ColumnParallelLinear, ParallelEmbedding, RMSNorm, RotaryEmbedding, RowParallelLinear
+from model.layers.lean import recompute
 from model.layers.parallel import divide, mp_world_size, reduce_from_mp, scatter_to_mp
 from model.visual import VisualEncoder
 
@@ -64,12 +65,11 @@ class Attention(nn.Module):
                 pos_q = torch.arange(start_pos, end, device=x.device)[:, None]
                 mask = torch.arange(end, device=x.device)[None, :] <= pos_q
                 is_causal = False
-        if self.n_rep > 1:  # grouped-query attention: each KV head serves n_rep query heads
-            k = k.repeat_interleave(self.n_rep, dim=2)
-            v = v.repeat_interleave(self.n_rep, dim=2)
         q = q.transpose(1, 2)
+        # grouped-query attention: each KV head serves n_rep query heads inside the kernel, so backward keeps
+        # k and v at their own size, not repeated n_rep times
         out = F.scaled_dot_product_attention(
-            q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=is_causal
+            q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_rep > 1
         )
         if prompt is not None and self.adapter_gate is not None:
             out = out + self.adapter_gate(self._attend_prompt(q, prompt.to(x.dtype)))
@@ -96,7 +96,12 @@ class FeedForward(nn.Module):
         self.w3 = ColumnParallelLinear(dim, hidden_dim, gather_output=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        # backward keeps the two projections, not silu's output as well (silu runs again there)
+        return self.w2(recompute(_swiglu, self.w1(x), self.w3(x)))
+
+
+def _swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.silu(a) * b
 
 
 class TransformerBlock(nn.Module):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.args import ModelArgs
+from model.layers.lean import dropout_linear
 from model.layers.parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -102,7 +103,11 @@ class LoRA(nn.Module):
             self.lora_b.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(self.dropout(x), self.lora_a.to(x.dtype))
+        a = self.lora_a.to(x.dtype)
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            h = dropout_linear(x, a, self.dropout.p)  # keeps x and a bool mask, not a dropped-out copy
+        else:
+            h = F.linear(x, a)  # no dropout, or eval (nn.Dropout is the identity there)
         if self.style == "column":
             h = copy_to_mp(h)
         elif self.style == "row":

@@ -29,6 +29,7 @@ TRAIN_REF = "tests/reference/test_train_step.py"
 ROPE_INIT = "tests/reference/test_rope_and_init.py"
 MEMORY = "tests/util/test_memory_bounds.py"
 FSDP_BUILD = "tests/features/test_fsdp_build.py"
+LEAN = "tests/model/test_lean.py"
 HF_CONFIG = "tests/formats/test_hf_config.py"  # rope scaling against transformers' logits (h-cfg's tests)
 
 
@@ -187,10 +188,37 @@ MUTANTS = [
     Mutant(
         "GQA: key/value heads tiled instead of each serving its group",
         "model/llama.py",
-        "            k = k.repeat_interleave(self.n_rep, dim=2)\n"
-        "            v = v.repeat_interleave(self.n_rep, dim=2)",
-        "            k = k.repeat(1, 1, self.n_rep, 1)\n            v = v.repeat(1, 1, self.n_rep, 1)",
+        "        q = q.transpose(1, 2)\n",
+        "        q = q.transpose(1, 2)\n        k, v = k.repeat(1, 1, self.n_rep, 1), v.repeat(1, 1, self.n_rep, 1)\n",
         (TRAIN_REF, "-k", "logits"),
+    ),
+    Mutant(
+        "LoRA dropout: backward draws another mask than forward",
+        "model/layers/lean.py",
+        "        noise = _noise(x, ctx.p, ctx.seed)",
+        "        noise = _noise(x, ctx.p, ctx.seed + 1)",
+        (TRAIN_REF, "-k", "dropout"),
+    ),
+    Mutant(
+        "LoRA dropout: kept elements not scaled by 1 / (1 - p)",
+        "model/layers/lean.py",
+        "    return keep.mul_(_WORD / (_WORD - drop)).to(x.dtype).view(x.shape)",
+        "    return keep.to(x.dtype).view(x.shape)",
+        (LEAN, "-k", "mean"),
+    ),
+    Mutant(
+        "recompute: backward runs without the forward's autocast",
+        "model/layers/lean.py",
+        "torch.autocast(device, dtype=dtype, enabled=enabled)",
+        "torch.autocast(device, dtype=dtype, enabled=False)",
+        (LEAN, "-k", "autocast"),
+    ),
+    Mutant(
+        "RMSNorm keeps its fp32 copy for backward again",
+        "model/layers/norm.py",
+        "        return recompute(self._normalize, x, self.weight)",
+        "        return self._normalize(x, self.weight)",
+        (LEAN, "-k", "keeps"),
     ),
     Mutant(
         "LoRA scale alpha / sqrt(r) instead of alpha / r",

@@ -73,10 +73,14 @@ def write_hf_model(path: Path, *, seed: int, rope_theta: float = 10000.0) -> Lla
     return model
 
 
-def with_lora(model: LlamaForCausalLM, *, r: int = 8, alpha: float = 24.0, seed: int = 1):
+def with_lora(model: LlamaForCausalLM, *, r: int = 8, alpha: float = 24.0, seed: int = 1, dropout: float = 0.0):
     """peft's LoRA on all seven projections, A and B both non-zero (seeded), scale alpha / r."""
     config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=[k.split(".")[1] for k in PROJECTIONS]
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        bias="none",
+        target_modules=[k.split(".")[1] for k in PROJECTIONS],
     )
     peft_model = get_peft_model(model, config)
     g = torch.Generator().manual_seed(seed)

@@ -29,18 +29,18 @@ def hf_dir(tmp_path_factory):
     return path
 
 
-def _reference(hf_dir):
+def _reference(hf_dir, dropout: float = 0.0):
     """A fresh transformers model from the same file (what save_pretrained wrote) with peft's seeded LoRA."""
     from transformers import LlamaForCausalLM
 
-    return with_lora(LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval())
+    return with_lora(LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval(), dropout=dropout)
 
 
-def _ours(hf_dir, lora_values=None, rank: int = 0, world_size: int = 1):
+def _ours(hf_dir, lora_values=None, rank: int = 0, world_size: int = 1, dropout: float = 0.0):
     """This project's model from the HF checkpoint, LoRA r8 alpha 24 on all seven, set to the reference's values
     (this rank's slice of each under model parallel)."""
     with open_checkpoint(hf_dir) as reader:
-        args = model_config([reader]).replace(lora_rank=8, lora_alpha=24.0)
+        args = model_config([reader]).replace(lora_rank=8, lora_alpha=24.0, lora_dropout=dropout)
     model, _ = build_model(args, [hf_dir], quant=None, dtype=torch.float32)
     if lora_values is not None:
         local = {}
@@ -118,6 +118,52 @@ def test_loss_and_every_lora_gradient_equal_transformers_and_peft(hf_dir, tmp_pa
     for name, g in expected_grads.items():
         assert float(g.abs().max()) > 1e-4, name  # every LoRA tensor really has a gradient to compare
         _assert_close(grads[name], g, name)
+
+
+class _GivenDropout(torch.nn.Module):
+    """peft's dropout module replaced by a given multiplier (0 or 1 / (1 - p) per element)."""
+
+    def __init__(self, noise: torch.Tensor):
+        super().__init__()
+        self.noise = noise
+
+    def forward(self, x):
+        return x * self.noise
+
+
+def test_lora_dropout_in_training_equals_peft_given_the_same_masks(hf_dir, monkeypatch):
+    """LoRA dropout (p 0.3) in train mode. Ours draws each adapter's mask from a seed and draws it again in
+    backward (model.layers.lean.dropout_linear keeps x, not the dropped-out copy); the masks ours drew in forward
+    (in the order q, k, v, o, gate, up, down per layer) are given to peft's adapters, and loss and gradients must
+    be peft's: this checks the forward and the rebuilt product in backward against peft's graph."""
+    import model.layers.lean as lean
+    from util.loss import model_token_loss
+
+    reference = _reference(hf_dir, dropout=0.3)
+    tokens, labels, mask = pad(EXAMPLES)
+    with torch.no_grad():
+        no_dropout = float(reference(input_ids=tokens, attention_mask=mask, labels=labels).loss)  # eval mode
+    ours = _ours(hf_dir, lora_tensors(reference), dropout=0.3).train()
+    drawn = []
+    draw = lean._noise
+    monkeypatch.setattr(lean, "_noise", lambda x, p, seed: drawn.append(draw(x, p, seed)) or drawn[-1])
+    loss_sum, n = model_token_loss(ours, ours, tokens, labels)
+    forward_masks = list(drawn)
+    (loss_sum / n).backward()
+    assert len(forward_masks) == 7 * 2 and len(drawn) == 2 * len(forward_masks)  # each drawn again in backward
+    order = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    # base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}
+    adapters = [(n.split("."), m) for n, m in reference.named_modules() if hasattr(m, "lora_dropout")]
+    adapters.sort(key=lambda item: (int(item[0][4]), order.index(item[0][6])))
+    assert len(adapters) == len(forward_masks)
+    for (_, module), noise in zip(adapters, forward_masks):
+        module.lora_dropout["default"] = _GivenDropout(noise)
+    expected_loss, expected_grads = hf_loss_and_grads(reference.train(), EXAMPLES)
+    assert abs(expected_loss - no_dropout) > 1e-3  # the masks change the loss: they are part of what is compared
+    assert float(loss_sum.detach() / n) == pytest.approx(expected_loss, rel=1e-6)
+    params = dict(ours.named_parameters())
+    for name, g in expected_grads.items():
+        _assert_close(params[name].grad, g, name)
 
 
 def _reference_steps(reference, batches_per_step, lrs, clip):
