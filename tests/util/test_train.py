@@ -63,18 +63,26 @@ def _loss_and_grads(model):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_activation_checkpointing_changes_nothing_but_memory(env):
-    model = _model(env)
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_activation_checkpointing_changes_nothing_but_memory(env, dropout):
+    """With LoRA dropout too: the recomputed forward draws the same mask seeds (checkpointing restores the random
+    state), and backward draws the same masks from them."""
+    model = _model(env, lora_dropout=dropout).train()
     with torch.no_grad():  # non-zero B, so every LoRA tensor gets a gradient
         for n, p in model.named_parameters():
             if n.endswith("lora_b"):
                 p.normal_(0, 0.02)
     keys = list(model.state_dict())
+    torch.manual_seed(4)
     loss, grads = _loss_and_grads(model)
     assert enable_activation_checkpointing(model) == 2
     assert enable_activation_checkpointing(model) == 0  # idempotent
     assert list(model.state_dict()) == keys  # names (and so checkpoints) unchanged
+    torch.manual_seed(4)
     loss_ckpt, grads_ckpt = _loss_and_grads(model)
+    if dropout:
+        torch.manual_seed(5)
+        assert not torch.equal(_loss_and_grads(model)[0], loss)  # dropout is on: another seed, another loss
     assert torch.equal(loss, loss_ckpt)
     for name in grads:
         torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-6, atol=1e-7)
