@@ -70,35 +70,40 @@ def small_args(vocab_size: int, big: ModelArgs | None = None) -> ModelArgs:
 # the corpus
 # ---------------------------------------------------------------------------------------------------------------
 
-NAMES = (
+
+def words(text: str) -> list[str]:
+    return text.split()
+
+
+NAMES = words(
     "Anna Tom Lea Max Sara Paul Nina Omar Ida Hugo Lina Ben Clara Leo Mia Noah Eva Finn Rosa Karl Vera Ivan Zoe "
     "Otto Emil Jana Luca Tara Felix Nora Adam Ella Jonas Maya Theo Lisa Oscar Alma Bruno Greta"
-).split()
-VERBS = (
+)
+VERBS = words(
     "found painted carried sold bought cleaned opened fixed moved hid washed built lost counted watched broke "
     "wrapped dropped lifted measured borrowed baked planted stole filled emptied sorted checked"
-).split()
-ADJS = (
+)
+ADJS = words(
     "red old small heavy green broken shiny wooden tall blue empty strange quiet warm yellow narrow round soft dark "
     "bright cold tiny golden dusty"
-).split()
-NOUNS = (
+)
+NOUNS = words(
     "box lamp chair basket bottle ladder clock table boat kettle drum mirror bucket rope coat map bell wheel "
     "window letter bicycle candle jar hammer blanket key vase cart sack"
-).split()
-PREPS = "near behind inside under beside above across".split()
-PLACES = (
+)
+PREPS = words("near behind inside under beside above across")
+PLACES = words(
     "kitchen garden station market bridge harbor library school barn river forest tower castle bakery garage "
     "church mill square cellar meadow"
-).split()
+)
 TIMES = ("in the morning", "at noon", "after dinner", "on Monday", "before the rain", "at night", "last week", "")
 
-IDENTS = (
+IDENTS = words(
     "count total items value result offset width height score limit price amount index size speed level weight "
     "start stop step delta ratio factor source target buffer values names rows cols left right low high node "
     "depth length number current previous first last page line word text key item entry"
-).split()
-FUNC_VERBS = "compute get update scale merge count find check build load sum clean".split()
+)
+FUNC_VERBS = words("compute get update scale merge count find check build load sum clean")
 
 CODE_TEMPLATES = (
     "def {f}({a}, {b}):\n    {v} = {a} + {b}\n    if {v} > {n1}:\n        return {v} * {n2}\n    return {v} - {a}",
@@ -268,7 +273,9 @@ def graft_problems(small: ModelArgs, big: ModelArgs) -> list[str]:
         if getattr(small, name) > getattr(big, name):
             p.append(f"{name} {getattr(small, name)} > {getattr(big, name)}")
     if not math.isclose(small.norm_eps, big.norm_eps * big.dim / small.dim, rel_tol=1e-6):
-        p.append(f"norm_eps {small.norm_eps} != big norm_eps x big dim / small dim = {big.norm_eps * big.dim / small.dim}")
+        p.append(
+            f"norm_eps {small.norm_eps} != big norm_eps x big dim / small dim = {big.norm_eps * big.dim / small.dim}"
+        )
     if (small.rope_theta, small.rope_scaling_params) != (big.rope_theta, big.rope_scaling_params):
         p.append("RoPE (rope_theta / rope_scaling) differs")
     if small.tie_word_embeddings or big.tie_word_embeddings:
@@ -422,7 +429,8 @@ def check_filler(state: dict, args: ModelArgs, tok, filler: int) -> None:
         raise SystemExit(f"filler token {filler}'s logit comes within {gap:.1f} of the max: pick another filler")
 
 
-def ensure(minutes: float = 12, seed: int = 0, n_prompts: int = 8, n_eval: int = 40, log=print) -> Path:
+def ensure(minutes: float = 12, seed: int = 0, n_prompts: int = 8, n_eval: int = 40, log=None) -> Path:
+    log = log or (lambda msg: print(msg, flush=True))
     state, args, info = ensure_small(minutes, seed, n_eval, log)
     return write_big(state, args, info, n_prompts, seed, log)
 
