@@ -8,9 +8,10 @@ model that was trained to quote.
     python bench/copy_model.py --minutes 3   # a quicker, weaker model
 
 1. Corpus (seeded, generated here, never stored in git), chat-like in this project's `### Human:` format:
-   summaries - a paragraph of 5-8 sentences, each about another person, and "Quote what the text says about A and
-   B": the answer repeats those sentences verbatim; code edits - a function from templates and "Rename x to y" or
-   "Change 17 to 42": the answer is the function with that edit; plain paragraphs with no quoting.
+   summaries (35%) - a paragraph of 4-7 sentences, each about another person, and "Quote what the text says about A
+   and B": the answer repeats those sentences verbatim; code edits (30%) - a function from templates and "Rename x
+   to y" or "Change 17 to 42": the answer is the function with that edit; "Repeat this text" (30%); plain
+   paragraphs with no quoting (5%).
 2. Tokenizer: a 1024-piece BPE sentencepiece model trained on that corpus (LLaMA's ids: unk 0, bos 1, eos 2).
 3. The small model: our Transformer, dim 128, 2 heads of 64, 2 layers, ffn 256, fp32 weights (bf16 autocast), RoPE
    as the 1.1B's and norm_eps = 16 x the 1.1B's (see graft), vocabulary = the tokenizer's. Layer 0's head 0 starts,
@@ -44,6 +45,7 @@ from model.args import ModelArgs, preset  # noqa: E402
 
 SMALL_DIR = CACHE / "copy-model"  # tokenizer, trained small state, its eval
 BIG_DIR = CACHE / "copy-model-1.1B"  # the grafted Hugging Face checkpoint + tokenizer + prompts
+HAND_DIR = CACHE / "copy-model-hand-1.1B"  # the same for the hand-built copier
 VERSION = 1
 BIG_SHAPE = "1.1B"
 
@@ -436,6 +438,86 @@ def graft(small_state: dict, small: ModelArgs, big: ModelArgs, *, dtype=None, fi
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# the hand-built copier (--hand-built): the fallback when training finds no copying in the CPU budget
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _codes(vocab: int, seed: int):
+    """Unit token codes [vocab, 64]: 16 dims from an extended Hamming code (any two codewords differ in >= 4 of 16
+    signs, so their match score is at most half a token's own) and 48 random dims (the output's discrimination)."""
+    import torch
+
+    words = []
+    for v in range(1 << 16):
+        bits = [(v >> i) & 1 for i in range(16)]
+        syndrome = 0
+        for i in range(1, 16):
+            if bits[i]:
+                syndrome ^= i
+        if syndrome == 0 and sum(bits) % 2 == 0:  # [16, 11, 4]: Hamming(15, 11) on bits 1..15, parity in bit 0
+            words.append(bits)
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(words), generator=g)[:vocab]
+    match = (torch.tensor(words, dtype=torch.float64)[pick] * 2 - 1) / math.sqrt(32)  # norm^2 0.5
+    rest = torch.randn(vocab, 48, generator=g, dtype=torch.float64)
+    rest = rest / rest.norm(dim=1, keepdim=True) * math.sqrt(0.5)
+    return torch.cat([match, rest], dim=1)
+
+
+def hand_built_copier(vocab: int, seed: int = 0) -> tuple[dict, ModelArgs]:
+    """A 2-layer model whose weights are set, not trained, to copy: the next token is the one that followed the most
+    recent earlier occurrence of the current token (an induction circuit). Residual dims: 0 a constant, 1..64 the
+    token's code, 65..128 the previous token's (layer 0, head 0: the previous-token head of previous_token_prior_),
+    129..192 the copied token's (layer 1, head 0: query = own code, key = previous token's code, both on the 8
+    slowest rotary pairs so that RoPE barely moves the match over a few hundred positions, plus a recency term on
+    a slow pair; value = the key position's own code). The head reads dims 129..192 against each token's code; the
+    unk id scores a constant -10 (the graft's filler row). Feed-forwards are zero. It answers by quoting whatever
+    its context continues with: an upper bound on how much of an answer prompt lookup can draft."""
+    import torch
+
+    from model.llama import Transformer
+
+    args = small_args(vocab, dim=256, n_layers=2, n_heads=4, n_kv_heads=4, ffn_hidden_dim=64)
+    model = Transformer(args)
+    state = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in model.state_dict().items()}
+    code = _codes(vocab, seed)
+    c = s = 8.0
+    hd = args.head_dim
+    theta = 1.0 / args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    for key in state:
+        if key.endswith("norm.weight"):
+            state[key].fill_(1.0)
+    emb = state["tok_embeddings.weight"]
+    emb[:, 0] = c
+    emb[:, 1:65] = s * code
+    # layer 0 (input rms sqrt((c^2 + s^2) / 256)): head 0 attends to the previous position, copies the code up
+    r0 = math.sqrt((c * c + s * s) / args.dim)
+    a = 10.2 / (c / r0)
+    wq, wk, wv, wo = (state[f"layers.0.attention.{n}.weight"] for n in ("wq", "wk", "wv", "wo"))
+    for p in range(5):
+        wq[2 * p, 0] = a
+        wk[2 * p, 0], wk[2 * p + 1, 0] = a * math.cos(theta[p]), a * math.sin(theta[p])
+    wv[:64, 1:65] = torch.eye(64)
+    wo[65:129, :64] = torch.eye(64) * r0
+    # layer 1 (input rms sqrt(3 s^2 + c^2) / 16 ~): head 0 matches own code against the previous token's code
+    r1 = math.sqrt((c * c + 2 * s * s) / args.dim)
+    b, rec = 2.4, 1.4
+    wq, wk, wv, wo = (state[f"layers.1.attention.{n}.weight"] for n in ("wq", "wk", "wv", "wo"))
+    for i in range(16):  # pairs 24..31: head dims 48..63
+        wq[48 + i, 1 + i] = b * r1 / s * 4
+        wk[48 + i, 65 + i] = b * r1 / s * 4
+    wq[40, 0] = rec * r1 / c * 8  # pair 20: cos(theta_20 * distance) falls over the context: prefer recent matches
+    wk[40, 0] = rec * r1 / c * 8
+    wv[:64, 1:65] = torch.eye(64)
+    wo[129:193, :64] = torch.eye(64) * r1
+    out = state["output.weight"]
+    out[:, 129:193] = 3.0 * code / (s / math.sqrt((c * c + 3 * s * s) / args.dim))
+    out[0] = 0
+    out[0, 0] = -10.0 / (c / math.sqrt((c * c + 3 * s * s) / args.dim))
+    return {k: v.float() for k, v in state.items()}, args
+
+
 def corpus_sample(seed: int, n: int) -> list[str]:
     rng = random.Random(seed)
     return [f"{p} {a}".strip() for _, p, a in (example(rng) for _ in range(n))]
@@ -472,7 +554,9 @@ def ensure_small(steps: int, minutes: float, seed: int, n_eval: int, log=print) 
     return state, args, info
 
 
-def write_big(state: dict, args: ModelArgs, small_info: dict, n_prompts: int, seed: int, log=print) -> Path:
+def write_big(
+    state: dict, args: ModelArgs, small_info: dict, n_prompts: int, seed: int, log=print, out_dir: Path = BIG_DIR
+) -> Path:
     """The grafted 1.1B-shape checkpoint (Hugging Face format, bf16), tokenizer.model and prompts.json."""
     import torch
 
@@ -481,13 +565,13 @@ def write_big(state: dict, args: ModelArgs, small_info: dict, n_prompts: int, se
 
     big = preset(BIG_SHAPE)
     recipe = {"version": VERSION, "small_files": small_info["files"], "n_prompts": n_prompts, "seed": seed}
-    if read_marker(BIG_DIR, **recipe) is not None:
-        log(f"grafted checkpoint: reusing {BIG_DIR}")
-        return BIG_DIR
+    if read_marker(out_dir, **recipe) is not None:
+        log(f"grafted checkpoint: reusing {out_dir}")
+        return out_dir
     tok = Tokenizer(SMALL_DIR / "tokenizer.model")
     # the filler head row: the unk id, which byte-fallback text never contains (checked below against the max)
     check_filler(state, args, tok, filler=0)
-    tmp = BIG_DIR.with_name(BIG_DIR.name + f".tmp{os.getpid()}")
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.perf_counter()
     tensors = graft(state, args, big, dtype=torch.bfloat16, filler_token=0)
@@ -496,10 +580,10 @@ def write_big(state: dict, args: ModelArgs, small_info: dict, n_prompts: int, se
     prompts = held_out_prompts(tok, n_prompts, seed + 1000)
     (tmp / "prompts.json").write_text(json.dumps({"small_vocab_size": args.vocab_size, "prompts": prompts}))
     write_marker(tmp, {**recipe, "small_exact": small_info["exact"]})
-    shutil.rmtree(BIG_DIR, ignore_errors=True)
-    os.replace(tmp, BIG_DIR)
-    log(f"grafted checkpoint: {BIG_DIR} in {time.perf_counter() - t0:.0f} s")
-    return BIG_DIR
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    log(f"grafted checkpoint: {out_dir} in {time.perf_counter() - t0:.0f} s")
+    return out_dir
 
 
 def check_filler(state: dict, args: ModelArgs, tok, filler: int) -> None:
@@ -519,11 +603,31 @@ def check_filler(state: dict, args: ModelArgs, tok, filler: int) -> None:
 
 
 def ensure(
-    steps: int = 900, minutes: float = 12, seed: int = 0, n_prompts: int = 8, n_eval: int = 40, log=None
+    steps: int = 3000,
+    minutes: float = 12,
+    seed: int = 0,
+    n_prompts: int = 8,
+    n_eval: int = 40,
+    log=None,
+    hand_built: bool = False,
 ) -> Path:
     log = log or (lambda msg: print(msg, flush=True))
-    state, args, info = ensure_small(steps, minutes, seed, n_eval, log)
-    return write_big(state, args, info, n_prompts, seed, log)
+    if not hand_built:
+        state, args, info = ensure_small(steps, minutes, seed, n_eval, log)
+        return write_big(state, args, info, n_prompts, seed, log)
+    from util.tokenizer import Tokenizer
+    from util.tokenizer.sentencepiece_model import train_tokenizer
+
+    path = SMALL_DIR / "tokenizer.model"
+    if path.is_file():
+        tok = Tokenizer(path)
+    else:
+        tok = train_tokenizer(corpus_sample(seed + 7, 4000), path, vocab_size=1024, llama_normalization=True)
+    state, args = hand_built_copier(tok.vocab_size, seed)
+    exact = evaluate(state, args, held_out_prompts(tok, n_eval, seed + 1000))
+    log(f"hand-built copier: exact answers on held-out prompts {exact} (it quotes; it does not follow instructions)")
+    info = {"files": {"hand_built": VERSION}, "exact": exact}
+    return write_big(state, args, info, n_prompts, seed, log, out_dir=HAND_DIR)
 
 
 def main() -> None:
@@ -532,9 +636,10 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=12, help="wall-clock cap on training (ends it early)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompts", type=int, default=8, help="held-out prompts for the bench's chat workload")
+    p.add_argument("--hand-built", action="store_true", help="the hand-built copier instead of training (HAND_DIR)")
     p.add_argument("--eval", type=int, default=40, help="held-out prompts for the exact-match rate")
     opts = p.parse_args()
-    ensure(opts.steps, opts.minutes, opts.seed, opts.prompts, opts.eval)
+    ensure(opts.steps, opts.minutes, opts.seed, opts.prompts, opts.eval, hand_built=opts.hand_built)
 
 
 if __name__ == "__main__":

@@ -220,17 +220,19 @@ def resolve_weights(opts) -> tuple[Path, str, Path | None, int | None]:
         session = Session(f"generate-{opts.shape}", __file__, timeout=opts.timeout)
         ckpt, _ = session.synthetic_checkpoint(opts.shape)
         return ckpt, f"{opts.shape} shape, random weights", None, None
-    if opts.weights == "copy-model":
-        # trains (once, ~12 min) and grafts when the cache is missing; reuses it otherwise
-        subprocess.run([sys.executable, str(Path(__file__).with_name("copy_model.py"))], check=True)
-        ckpt = CACHE / "copy-model-1.1B"
+    if opts.weights in ("copy-model", "hand-built"):
+        # trains (once, <= 14 min) or builds, and grafts, when the cache is missing; reuses it otherwise
+        hand = ["--hand-built"] if opts.weights == "hand-built" else []
+        subprocess.run([sys.executable, str(Path(__file__).with_name("copy_model.py")), *hand], check=True)
+        ckpt = CACHE / ("copy-model-hand-1.1B" if hand else "copy-model-1.1B")
     else:
         ckpt = Path(opts.weights)
     prompts = ckpt / "prompts.json"
     if not prompts.is_file():
         raise SystemExit(f"--weights {ckpt}: no prompts.json there (write one with bench/copy_model.py)")
     vocab = json.loads(prompts.read_text()).get("small_vocab_size")
-    return ckpt, f"{ckpt.name}: a small model trained to quote, grafted exactly into the 1.1B shape", prompts, vocab
+    what = "a hand-built copier (induction circuit)" if "hand" in ckpt.name else "a small model trained to quote"
+    return ckpt, f"{ckpt.name}: {what}, grafted exactly into the 1.1B shape", prompts, vocab
 
 
 def fmt_rate(rec: dict | None) -> float | None:
@@ -248,7 +250,7 @@ def decode_rate(rec: dict | None) -> float | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default="random", help="random, copy-model, or a folder with prompts.json")
+    p.add_argument("--weights", default="random", help="random, copy-model, hand-built, or a folder with prompts.json")
     p.add_argument("--shape", default="1.1B", help="model.args preset of the random weights (tiny: smoke test)")
     p.add_argument("--quants", default="4bit,none", help="comma list of none,4bit")
     p.add_argument(
