@@ -6,6 +6,7 @@ model that was trained to quote.
 
     python bench/copy_model.py               # train (<= 14 min on 2 cores, cached), evaluate, write the 1.1B checkpoint
     python bench/copy_model.py --minutes 3   # a quicker, weaker model
+    python bench/copy_model.py --hand-built  # no training: the hand-built copier (seconds)
 
 1. Corpus (seeded, generated here, never stored in git), chat-like in this project's `### Human:` format:
    summaries (35%) - a paragraph of 4-7 sentences, each about another person, and "Quote what the text says about A
@@ -15,9 +16,12 @@ model that was trained to quote.
 2. Tokenizer: a 1024-piece BPE sentencepiece model trained on that corpus (LLaMA's ids: unk 0, bos 1, eos 2).
 3. The small model: our Transformer, dim 128, 2 heads of 64, 2 layers, ffn 256, fp32 weights (bf16 autocast), RoPE
    as the 1.1B's and norm_eps = 16 x the 1.1B's (see graft), vocabulary = the tokenizer's. Layer 0's head 0 starts,
-   and stays, a previous-token head (previous_token_prior_: without it, ~1500 steps of plain training found no
-   copying at all); everything else is trained: AdamW, --steps of 16 x 192 tokens or --minutes, whichever ends first,
-   the loss weighted to the answers. Cached under /tmp/lazyllama-bench/copy-model/ with the tokenizer.
+   and stays, a previous-token head (previous_token_prior_); everything else is trained: AdamW, --steps of 16 x 192
+   tokens or --minutes, whichever ends first, the loss weighted to the answers. Cached under
+   /tmp/lazyllama-bench/copy-model/ with the tokenizer. On the shared 2-core machine (load 5-7) none of three runs
+   learned to copy (~500 steps each; answer-token loss stuck at the no-copy floor, ~1.45 nats; 0/40 exact).
+   --hand-built: hand_built_copier instead, an induction circuit set by hand (no training): it quotes whatever its
+   context continues with, follows no instruction, and loops - acceptance as high as prompt lookup can get.
 4. Held-out prompts (another seed): greedy answers are compared with the expected ones (exact-match rate printed
    and stored); they are the bench's chat workload.
 5. graft(): the small model's function, exactly, in the 1.1B shape (zero padding, see its docstring); written in
@@ -210,8 +214,8 @@ BATCH, SEQ, LR = 16, 192, 3e-3
 
 
 def previous_token_prior_(model, *, pairs: int = 5, scale: float = 9.0, const: float = 8.0) -> list:
-    """Start layer 0's head 0 as a previous-token head, and keep it: the part of copying (an induction circuit) that
-    plain training on this CPU budget did not find in ~1500 steps; the rest (matching, what to quote) is trained.
+    """Start layer 0's head 0 as a previous-token head, and keep it: the half of an induction (copying) circuit that
+    is slowest to emerge; the rest (matching, what to quote) is left to training.
 
     Residual dim 0 of every embedding holds `const`, so after RMSNorm it is a near-constant input. Head 0's query and
     key read it into the `pairs` fastest rotary pairs, the key rotated one position ahead: their dot product after
