@@ -1,7 +1,7 @@
 """Greedy generation speed: util.generate (our KV cache, plain and speculative) against Hugging Face transformers'
 `generate` (plain and with prompt lookup), same weights, batch 1.
 
-    OMP_NUM_THREADS=1 python bench/generate_speed.py --weights copy-model --workloads chat,random --quants 4bit,none
+    OMP_NUM_THREADS=1 python bench/generate_speed.py --weights hand-built --workloads chat,random --max-answer 48
     python bench/generate_speed.py --shape tiny             # smoke test with random weights (~1 min, mostly imports)
     python bench/generate_speed.py --quants 4bit --workloads random,quote --draft-tokens 6
 
@@ -12,6 +12,8 @@
      copy-model  bench/copy_model.py's small model trained to quote its prompt, grafted exactly into the 1.1B shape
                  (trained, ~12 min, the first time; cached in /tmp/lazyllama-bench/copy-model-1.1B): the 1.1B's real
                  per-forward cost, with the acceptance of a model whose answers quote the prompt.
+     hand-built  copy_model.py --hand-built: an induction circuit set by hand (no training; it quotes and loops, an
+                 upper bound on acceptance), grafted the same way (/tmp/lazyllama-bench/copy-model-hand-1.1B).
      PATH        a folder laid out like copy-model's (config.json, safetensors, prompts.json).
 2. Workloads (--workloads): random - a --prompt-tokens prompt of random in-vocabulary ids, --new-tokens tokens forced
    (no end token); chat - copy-model's held-out prompts (summaries quoting sentences, code edits), each answered until
