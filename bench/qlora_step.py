@@ -184,6 +184,120 @@ def child_hf(opts) -> dict:
     }
 
 
+TORCHTUNE_CHUNKS = 8  # torchtune's recipes: CEWithChunkedOutputLoss, 8 output chunks
+
+
+def child_torchtune(opts) -> dict:
+    """torchtune's QLoRA step, built the way its lora_finetune_distributed recipe builds (the single-device recipe
+    builds on the device itself): lora_llama2(quantize_base=True) under set_default_dtype(bf16) on meta, the
+    adapters to_empty + initialize_parameters, rope_init, then each base weight filled from a full bf16 tensor
+    (seeded random normal std 0.02, norms ones: the recipe's load_from_full_model_state_dict, to_nf4 for NF4
+    weights, assign=True). `torchtune`: the recipe's step (bf16 model and adapters, no autocast, chunked CE loss);
+    `torchtune-fp32`: fp32 adapters under bf16 autocast, as ours and hf."""
+    try:
+        import torchao
+        import torchtune
+        from torchao.dtypes.nf4tensor import NF4Tensor, to_nf4
+        from torchtune import modules, training
+        from torchtune.models.llama2._component_builders import lora_llama2
+        from torchtune.modules.loss import CEWithChunkedOutputLoss
+        from torchtune.modules.peft import LoRALinear, get_adapter_params, set_trainable_params
+    except ImportError as e:
+        return {
+            "status": "not installed",
+            "error": f"{e} (with {sys.executable}); make the torchtune environment (bench/README.md) and pass "
+            "--torchtune-python /path/to/that/venv/bin/python",
+        }
+    import contextlib
+
+    import torch
+
+    from model.args import preset
+
+    device = torch.device("cpu")  # this machine's; the NF4 path is torchao's pure-PyTorch one either way
+    args = preset(opts.shape, max_seq_len=max(opts.seq, 16))
+    fp32_adapters = opts.child == "torchtune-fp32"
+    t0 = time.perf_counter()
+    with training.set_default_dtype(torch.bfloat16), torch.device("meta"):
+        model = lora_llama2(
+            lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"],
+            apply_lora_to_mlp=True,
+            apply_lora_to_output=False,  # ours and hf leave the head frozen and unadapted too
+            vocab_size=args.vocab_size,
+            num_layers=args.n_layers,
+            num_heads=args.n_heads,
+            num_kv_heads=args.n_kv_heads or args.n_heads,
+            embed_dim=args.dim,
+            max_seq_len=args.max_seq_len,
+            intermediate_dim=args.hidden_dim,
+            norm_eps=args.norm_eps,
+            lora_rank=LORA["lora_rank"],
+            lora_alpha=LORA["lora_alpha"],
+            lora_dropout=LORA["lora_dropout"],
+            quantize_base=True,
+        )
+    set_trainable_params(model, get_adapter_params(model))
+    if opts.checkpointing:
+        training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+    with training.set_default_dtype(torch.bfloat16), device:
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_a.to_empty(device=device)
+                m.lora_b.to_empty(device=device)
+                m.initialize_parameters()
+            if hasattr(m, "rope_init"):
+                m.rope_init()
+    gen = torch.Generator().manual_seed(0)
+    for name, param in list(model.named_parameters()):
+        if not param.is_meta:
+            continue
+        full = torch.empty(param.shape, dtype=torch.bfloat16)
+        full.fill_(1.0) if name.endswith("scale") else full.normal_(0.0, 0.02, generator=gen)
+        if isinstance(param, NF4Tensor):  # what load_from_full_model_state_dict does for an NF4 weight
+            full = to_nf4(full, param.block_size, param.scaler_block_size)
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, torch.nn.Parameter(full, requires_grad=param.requires_grad))
+        del full
+    training.validate_no_params_on_meta_device(model)
+    build_s = time.perf_counter() - t0
+    n_nf4 = sum(isinstance(p, NF4Tensor) for p in model.parameters())
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    if fp32_adapters:
+        for p in trainable_params:
+            p.data = p.data.float()
+    model.set_num_output_chunks(TORCHTUNE_CHUNKS)
+    model.train()
+    loss_fn = CEWithChunkedOutputLoss(num_output_chunks=TORCHTUNE_CHUNKS)
+    opt = torch.optim.AdamW(trainable_params, lr=1e-4, weight_decay=0.0)
+    tokens = _tokens(args.vocab_size, opts.batch, opts.seq).to(device)
+    # the recipe's label shift: the next token, the last position ignored
+    labels = torch.hstack((tokens[:, 1:], torch.full((opts.batch, 1), loss_fn.ignore_index)))
+
+    def step() -> float:
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if fp32_adapters else contextlib.nullcontext()
+        with ctx:
+            logits = model(tokens)
+            loss = loss_fn(logits, labels)
+        del logits  # as the recipe: the logits are not kept through backward
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable_params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return {
+        "build_s": build_s,
+        "rss_after_build": rss(),
+        "trainable": sum(p.numel() for p in trainable_params),
+        "adapter_dtype": str(trainable_params[0].dtype),
+        "nf4_weights": n_nf4,
+        "torchtune": torchtune.__version__,
+        "torchao": torchao.__version__,
+        "torch": torch.__version__,
+        **_time_steps(step, opts.steps, device, opts.profile),
+    }
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -194,17 +308,18 @@ def table(results: dict, opts) -> str:
         f"warm-up, activation checkpointing {'on' if opts.checkpointing else 'off'}; load average "
         f"{os.getloadavg()[0]:.1f}",
         "",
-        "| flow | build s | RSS after build | peak RSS in steps | peak CUDA | step s (median) | tokens/s | "
-        "best step s | best tokens/s | load per step | trainable |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| flow | build s | RSS after build | peak RSS in steps | step's growth | peak CUDA | step s (median) | "
+        "tokens/s | best step s | best tokens/s | load per step | trainable |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for flow, r in results.items():
         if r.get("status") != "ok":
-            rows.append(f"| {flow} | {r.get('status')}: {r.get('error', '')[-200:].strip()!r} ||||||||||")
+            rows.append(f"| {flow} | {r.get('status')}: {r.get('error', '')[-200:].strip()!r} |||||||||||")
             continue
         step = statistics.median(r["step_s"])
         rows.append(
             f"| {flow} | {r['build_s']:.1f} | {_gib(r['rss_after_build'])} | {_gib(r['peak_rss_steps'])} | "
+            f"{_gib(r['peak_rss_steps'] - r['rss_after_build'])} | "
             f"{_gib(r['peak_cuda_steps']) if r['peak_cuda_steps'] else '-'} | {step:.2f} | "
             f"{opts.batch * opts.seq / step:.1f} | {min(r['step_s']):.2f} | "
             f"{opts.batch * opts.seq / min(r['step_s']):.1f} | "
@@ -213,13 +328,26 @@ def table(results: dict, opts) -> str:
     return "\n".join(rows)
 
 
+CHILDREN = {
+    "ours": child_ours,
+    "ours-plain": child_ours,
+    "hf": child_hf,
+    "torchtune": child_torchtune,
+    "torchtune-fp32": child_torchtune,
+}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="1.1B", help="model.args preset (tiny: smoke test)")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--flows", default="ours,hf", help="of ours, ours-plain (the loss from full logits), hf")
+    ap.add_argument(
+        "--flows",
+        default="ours,hf",
+        help="of ours, ours-plain (the loss from full logits), hf, torchtune, torchtune-fp32",
+    )
     ap.add_argument("--rounds", type=int, default=1, help="run the flows this many times, in turn")
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument(
@@ -227,11 +355,16 @@ def main() -> int:
     )
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--ckpt", default=None, help="HF checkpoint for the hf flow (default: the synthetic one)")
-    ap.add_argument("--child", choices=["ours", "ours-plain", "hf"], help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--torchtune-python",
+        default=sys.executable,
+        help="the python of an environment with torchtune + torchao (bench/README.md), for the torchtune flows",
+    )
+    ap.add_argument("--child", choices=[*CHILDREN], help=argparse.SUPPRESS)
     opts = ap.parse_args()
     if opts.child:
         quiet_bitsandbytes()
-        emit(opts.child, {"ours": child_ours, "ours-plain": child_ours, "hf": child_hf}[opts.child](opts))
+        emit(opts.child, CHILDREN[opts.child](opts))
         return 0
     session = Session(f"qlora-step-{opts.shape}", __file__, timeout=opts.timeout)
     flows = opts.flows.split(",")
@@ -252,7 +385,8 @@ def main() -> int:
     for i in range(opts.rounds):
         for flow in flows:
             tag = flow if opts.rounds == 1 else f"{flow}#{i + 1}"
-            results[tag] = session.spawn(flow, child_args, tag=tag)
+            python = opts.torchtune_python if flow.startswith("torchtune") else None
+            results[tag] = session.spawn(flow, child_args, tag=tag, python=python)
     md = table(results, opts)
     for tag, r in results.items():
         if r.get("profile"):
