@@ -61,7 +61,51 @@ def _profile_step(step, rows: int) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def _time_steps(step, n_steps: int, device, profile_rows: int = 0) -> dict:
+def _saved_tensors(step, rows: int) -> dict:
+    """One more step with autograd's saved-tensor hooks: the bytes that forward keeps for backward (each storage
+    once; parameters and views of them left out: they stay resident anyway), in total, by dtype and by the
+    largest (shape, dtype) groups. Tensor subclasses (torchao's NF4) count their own storage where they have one."""
+    import collections
+
+    import torch
+
+    seen: dict[tuple, int] = {}
+    groups: collections.Counter = collections.Counter()
+    counts: collections.Counter = collections.Counter()
+    by_dtype: collections.Counter = collections.Counter()
+    params = 0
+
+    def pack(t):
+        nonlocal params
+        base = t._base if t._base is not None else t
+        if isinstance(base, torch.nn.Parameter):
+            params += 1
+            return t
+        try:
+            storage = t.untyped_storage()
+            key, nbytes = (storage.data_ptr(), storage.device.type), storage.nbytes()
+        except (NotImplementedError, RuntimeError):  # a subclass without one storage
+            key, nbytes = (id(t), "subclass"), t.numel() * t.element_size()
+        if key not in seen:
+            seen[key] = nbytes
+            group = (tuple(t.shape), str(t.dtype).removeprefix("torch."))
+            groups[group] += nbytes
+            counts[group] += 1
+            by_dtype[group[1]] += nbytes
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return {
+        "saved_bytes": sum(seen.values()),
+        "saved_tensors": len(seen),
+        "saved_params_skipped": params,
+        "saved_by_dtype": dict(by_dtype),
+        "saved_top": [[list(g[0]), g[1], counts[g], b] for g, b in groups.most_common(rows)],
+    }
+
+
+def _time_steps(step, n_steps: int, device, profile_rows: int = 0, saved_rows: int = 0) -> dict:
     """One warm-up step, then n timed ones; memory peak over the steps only; then, with profile_rows, one
     profiled step (not timed)."""
     import torch
@@ -82,6 +126,8 @@ def _time_steps(step, n_steps: int, device, profile_rows: int = 0) -> dict:
     peak_cuda = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     steps = hwm()
     profiled = {"profile": _profile_step(step, profile_rows)} if profile_rows else {}
+    if saved_rows:
+        profiled.update(_saved_tensors(step, saved_rows))
     return {
         **profiled,
         "step_s": times,
@@ -129,7 +175,7 @@ def child_ours(opts) -> dict:
         "build_s": build_s,
         "rss_after_build": rss_after_build,
         "trainable": trainable,
-        **_time_steps(step, opts.steps, device, opts.profile),
+        **_time_steps(step, opts.steps, device, opts.profile, opts.saved),
     }
 
 
@@ -180,7 +226,7 @@ def child_hf(opts) -> dict:
         "trainable": trainable,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
-        **_time_steps(step, opts.steps, device, opts.profile),
+        **_time_steps(step, opts.steps, device, opts.profile, opts.saved),
     }
 
 
@@ -294,12 +340,16 @@ def child_torchtune(opts) -> dict:
         "torchtune": torchtune.__version__,
         "torchao": torchao.__version__,
         "torch": torch.__version__,
-        **_time_steps(step, opts.steps, device, opts.profile),
+        **_time_steps(step, opts.steps, device, opts.profile, opts.saved),
     }
 
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def table(results: dict, opts) -> str:
@@ -353,6 +403,13 @@ def main() -> int:
     ap.add_argument(
         "--profile", type=int, default=0, metavar="ROWS", help="after the timed steps, profile one more (top ROWS ops)"
     )
+    ap.add_argument(
+        "--saved",
+        type=int,
+        default=0,
+        metavar="ROWS",
+        help="after the timed steps, one more step tallying the tensors saved for backward (top ROWS groups)",
+    )
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--ckpt", default=None, help="HF checkpoint for the hf flow (default: the synthetic one)")
     ap.add_argument(
@@ -378,6 +435,7 @@ def main() -> int:
         ckpt=opts.ckpt,
         checkpointing=opts.checkpointing,
         profile=opts.profile or None,
+        saved=opts.saved or None,
     )
     # --rounds N runs the flows N times in turn (ours, hf, ours, hf, ...): on a shared machine a busy spell then
     # hits both sides instead of one side's repeats
@@ -389,6 +447,13 @@ def main() -> int:
             results[tag] = session.spawn(flow, child_args, tag=tag, python=python)
     md = table(results, opts)
     for tag, r in results.items():
+        if "saved_bytes" in r:
+            md += (
+                f"\n\n{tag}: saved for backward {_mib(r['saved_bytes'])} in {r['saved_tensors']} storages "
+                f"({', '.join(f'{k} {_mib(v)}' for k, v in r['saved_by_dtype'].items())}; "
+                f"{r['saved_params_skipped']} parameters left out); largest groups: "
+                + "; ".join(f"{n} x {shape} {dt} {_mib(b)}" for shape, dt, n, b in r["saved_top"])
+            )
         if r.get("profile"):
             md += f"\n\n{tag}: one profiled step, operators by self CPU time\n\n```\n{r['profile']}```"
     print(md)
