@@ -134,7 +134,9 @@ def _time_steps(step, n_steps: int, device, profile_rows: int = 0, saved_rows: i
         "load_1m": loads,
         "loss": loss,
         "peak_rss_steps": steps,
-        "peak_rss": max(peak_before, steps),
+        # the whole process's, the profiled / tallied extra step included (the hooks' bookkeeping adds a little):
+        # the parent compares its own sampled peak with this one
+        "peak_rss": max(peak_before, hwm()),
         "peak_cuda_steps": peak_cuda,
     }
 
