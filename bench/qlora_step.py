@@ -1,4 +1,4 @@
-"""One QLoRA training step: peak memory and tokens/s, ours against Hugging Face transformers + peft.
+"""One QLoRA training step: peak memory and tokens/s, ours against Hugging Face transformers + peft and torchtune.
 
     python bench/qlora_step.py                       # 1.1B shape, seq 256, batch 1, 1 warm-up + 3 timed steps
     python bench/qlora_step.py --shape tiny          # smoke test
@@ -15,6 +15,8 @@ bf16 autocast, next-token loss over the whole random sequence, backward, optimiz
         quant, bf16 compute)) + peft get_peft_model(LoraConfig(r=16, alpha=32, dropout=0.05, 7 projections)).
         The checkpoint is bench/harness.py's synthetic one, /tmp/lazyllama-bench/<shape> (shared with
         bench/build_memory.py; written once, tensor by tensor, if missing).
+  torchtune, torchtune-fp32   torchtune's lora_llama2(quantize_base=True) (torchao NF4) built on meta as its
+        distributed recipe, in the environment of --torchtune-python (bench/README.md): child_torchtune says more.
 Reported per flow: build seconds, RSS after the build, peak RSS over the steps (VmHWM reset after the build;
 CUDA: max allocated), median step seconds and tokens/s (batch x seq / step). The machine may be shared: the load
 average is recorded; compare flows of one run. Results go to bench/results/ (gitignored) as JSON and markdown.
