@@ -371,12 +371,19 @@ class Session:
         self.cap = int(cap_gib * GIB) if cap_gib else meminfo_bytes("MemAvailable") - int(1.5 * GIB)
 
     def spawn(
-        self, flow: str, args: list[str], tag: str | None = None, env: dict | None = None, script: str | None = None
+        self,
+        flow: str,
+        args: list[str],
+        tag: str | None = None,
+        env: dict | None = None,
+        script: str | None = None,
+        python: str | None = None,
     ) -> dict:
         """Run `python <script> --child FLOW *args` to completion, printing its progress; returns its JSON record
-        (status "ok" unless the child said otherwise), or a record saying how it failed."""
+        (status "ok" unless the child said otherwise), or a record saying how it failed. `python`: another
+        environment's interpreter for this child (default: this one's)."""
         tag = tag or flow
-        cmd = [sys.executable, script or self.script, "--child", flow, *args]
+        cmd = [python or sys.executable, script or self.script, "--child", flow, *args]
         full_env = {**os.environ, **(env or {})}
         full_env["PYTHONPATH"] = str(REPO) + (os.pathsep + full_env["PYTHONPATH"] if full_env.get("PYTHONPATH") else "")
         full_env.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,4 +1,4 @@
-"""One QLoRA training step: peak memory and tokens/s, ours against Hugging Face transformers + peft.
+"""One QLoRA training step: peak memory and tokens/s, ours against Hugging Face transformers + peft and torchtune.
 
     python bench/qlora_step.py                       # 1.1B shape, seq 256, batch 1, 1 warm-up + 3 timed steps
     python bench/qlora_step.py --shape tiny          # smoke test
@@ -15,6 +15,8 @@ bf16 autocast, next-token loss over the whole random sequence, backward, optimiz
         quant, bf16 compute)) + peft get_peft_model(LoraConfig(r=16, alpha=32, dropout=0.05, 7 projections)).
         The checkpoint is bench/harness.py's synthetic one, /tmp/lazyllama-bench/<shape> (shared with
         bench/build_memory.py; written once, tensor by tensor, if missing).
+  torchtune, torchtune-fp32   torchtune's lora_llama2(quantize_base=True) (torchao NF4) built on meta as its
+        distributed recipe, in the environment of --torchtune-python (bench/README.md): child_torchtune says more.
 Reported per flow: build seconds, RSS after the build, peak RSS over the steps (VmHWM reset after the build;
 CUDA: max allocated), median step seconds and tokens/s (batch x seq / step). The machine may be shared: the load
 average is recorded; compare flows of one run. Results go to bench/results/ (gitignored) as JSON and markdown.
@@ -61,7 +63,51 @@ def _profile_step(step, rows: int) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def _time_steps(step, n_steps: int, device, profile_rows: int = 0) -> dict:
+def _saved_tensors(step, rows: int) -> dict:
+    """One more step with autograd's saved-tensor hooks: the bytes that forward keeps for backward (each storage
+    once; parameters and views of them left out: they stay resident anyway), in total, by dtype and by the
+    largest (shape, dtype) groups. Tensor subclasses (torchao's NF4) count their own storage where they have one."""
+    import collections
+
+    import torch
+
+    seen: dict[tuple, int] = {}
+    groups: collections.Counter = collections.Counter()
+    counts: collections.Counter = collections.Counter()
+    by_dtype: collections.Counter = collections.Counter()
+    params = 0
+
+    def pack(t):
+        nonlocal params
+        base = t._base if t._base is not None else t
+        if isinstance(base, torch.nn.Parameter):
+            params += 1
+            return t
+        try:
+            storage = t.untyped_storage()
+            key, nbytes = (storage.data_ptr(), storage.device.type), storage.nbytes()
+        except (NotImplementedError, RuntimeError):  # a subclass without one storage
+            key, nbytes = (id(t), "subclass"), t.numel() * t.element_size()
+        if key not in seen:
+            seen[key] = nbytes
+            group = (tuple(t.shape), str(t.dtype).removeprefix("torch."))
+            groups[group] += nbytes
+            counts[group] += 1
+            by_dtype[group[1]] += nbytes
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return {
+        "saved_bytes": sum(seen.values()),
+        "saved_tensors": len(seen),
+        "saved_params_skipped": params,
+        "saved_by_dtype": dict(by_dtype),
+        "saved_top": [[list(g[0]), g[1], counts[g], b] for g, b in groups.most_common(rows)],
+    }
+
+
+def _time_steps(step, n_steps: int, device, profile_rows: int = 0, saved_rows: int = 0) -> dict:
     """One warm-up step, then n timed ones; memory peak over the steps only; then, with profile_rows, one
     profiled step (not timed)."""
     import torch
@@ -82,13 +128,17 @@ def _time_steps(step, n_steps: int, device, profile_rows: int = 0) -> dict:
     peak_cuda = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     steps = hwm()
     profiled = {"profile": _profile_step(step, profile_rows)} if profile_rows else {}
+    if saved_rows:
+        profiled.update(_saved_tensors(step, saved_rows))
     return {
         **profiled,
         "step_s": times,
         "load_1m": loads,
         "loss": loss,
         "peak_rss_steps": steps,
-        "peak_rss": max(peak_before, steps),
+        # the whole process's, the profiled / tallied extra step included (the hooks' bookkeeping adds a little):
+        # the parent compares its own sampled peak with this one
+        "peak_rss": max(peak_before, hwm()),
         "peak_cuda_steps": peak_cuda,
     }
 
@@ -129,7 +179,7 @@ def child_ours(opts) -> dict:
         "build_s": build_s,
         "rss_after_build": rss_after_build,
         "trainable": trainable,
-        **_time_steps(step, opts.steps, device, opts.profile),
+        **_time_steps(step, opts.steps, device, opts.profile, opts.saved),
     }
 
 
@@ -180,12 +230,130 @@ def child_hf(opts) -> dict:
         "trainable": trainable,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
-        **_time_steps(step, opts.steps, device, opts.profile),
+        **_time_steps(step, opts.steps, device, opts.profile, opts.saved),
+    }
+
+
+TORCHTUNE_CHUNKS = 8  # torchtune's recipes: CEWithChunkedOutputLoss, 8 output chunks
+
+
+def child_torchtune(opts) -> dict:
+    """torchtune's QLoRA step, built the way its lora_finetune_distributed recipe builds (the single-device recipe
+    builds on the device itself): lora_llama2(quantize_base=True) under set_default_dtype(bf16) on meta, the
+    adapters to_empty + initialize_parameters, rope_init, then each base weight filled from a full bf16 tensor
+    (seeded random normal std 0.02, norms ones: the recipe's load_from_full_model_state_dict, to_nf4 for NF4
+    weights, assign=True). `torchtune`: the recipe's step (bf16 model and adapters, no autocast, chunked CE loss);
+    `torchtune-fp32`: fp32 adapters under bf16 autocast, as ours and hf."""
+    try:
+        import torchao
+        import torchtune
+        from torchao.dtypes.nf4tensor import NF4Tensor, to_nf4
+        from torchtune import modules, training
+        from torchtune.models.llama2._component_builders import lora_llama2
+        from torchtune.modules.loss import CEWithChunkedOutputLoss
+        from torchtune.modules.peft import LoRALinear, get_adapter_params, set_trainable_params
+    except ImportError as e:
+        return {
+            "status": "not installed",
+            "error": f"{e} (with {sys.executable}); make the torchtune environment (bench/README.md) and pass "
+            "--torchtune-python /path/to/that/venv/bin/python",
+        }
+    import contextlib
+
+    import torch
+
+    from model.args import preset
+
+    device = torch.device("cpu")  # this machine's; the NF4 path is torchao's pure-PyTorch one either way
+    args = preset(opts.shape, max_seq_len=max(opts.seq, 16))
+    fp32_adapters = opts.child == "torchtune-fp32"
+    t0 = time.perf_counter()
+    with training.set_default_dtype(torch.bfloat16), torch.device("meta"):
+        model = lora_llama2(
+            lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"],
+            apply_lora_to_mlp=True,
+            apply_lora_to_output=False,  # ours and hf leave the head frozen and unadapted too
+            vocab_size=args.vocab_size,
+            num_layers=args.n_layers,
+            num_heads=args.n_heads,
+            num_kv_heads=args.n_kv_heads or args.n_heads,
+            embed_dim=args.dim,
+            max_seq_len=args.max_seq_len,
+            intermediate_dim=args.hidden_dim,
+            norm_eps=args.norm_eps,
+            lora_rank=LORA["lora_rank"],
+            lora_alpha=LORA["lora_alpha"],
+            lora_dropout=LORA["lora_dropout"],
+            quantize_base=True,
+        )
+    set_trainable_params(model, get_adapter_params(model))
+    if opts.checkpointing:
+        training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+    with training.set_default_dtype(torch.bfloat16), device:
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_a.to_empty(device=device)
+                m.lora_b.to_empty(device=device)
+                m.initialize_parameters()
+            if hasattr(m, "rope_init"):
+                m.rope_init()
+    gen = torch.Generator().manual_seed(0)
+    for name, param in list(model.named_parameters()):
+        if not param.is_meta:
+            continue
+        full = torch.empty(param.shape, dtype=torch.bfloat16)
+        full.fill_(1.0) if name.endswith("scale") else full.normal_(0.0, 0.02, generator=gen)
+        if isinstance(param, NF4Tensor):  # what load_from_full_model_state_dict does for an NF4 weight
+            full = to_nf4(full, param.block_size, param.scaler_block_size)
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, torch.nn.Parameter(full, requires_grad=param.requires_grad))
+        del full
+    training.validate_no_params_on_meta_device(model)
+    build_s = time.perf_counter() - t0
+    n_nf4 = sum(isinstance(p, NF4Tensor) for p in model.parameters())
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    if fp32_adapters:
+        for p in trainable_params:
+            p.data = p.data.float()
+    model.set_num_output_chunks(TORCHTUNE_CHUNKS)
+    model.train()
+    loss_fn = CEWithChunkedOutputLoss(num_output_chunks=TORCHTUNE_CHUNKS)
+    opt = torch.optim.AdamW(trainable_params, lr=1e-4, weight_decay=0.0)
+    tokens = _tokens(args.vocab_size, opts.batch, opts.seq).to(device)
+    # the recipe's label shift: the next token, the last position ignored
+    labels = torch.hstack((tokens[:, 1:], torch.full((opts.batch, 1), loss_fn.ignore_index)))
+
+    def step() -> float:
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if fp32_adapters else contextlib.nullcontext()
+        with ctx:
+            logits = model(tokens)
+            loss = loss_fn(logits, labels)
+        del logits  # as the recipe: the logits are not kept through backward
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable_params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return {
+        "build_s": build_s,
+        "rss_after_build": rss(),
+        "trainable": sum(p.numel() for p in trainable_params),
+        "adapter_dtype": str(trainable_params[0].dtype),
+        "nf4_weights": n_nf4,
+        "torchtune": torchtune.__version__,
+        "torchao": torchao.__version__,
+        "torch": torch.__version__,
+        **_time_steps(step, opts.steps, device, opts.profile, opts.saved),
     }
 
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def table(results: dict, opts) -> str:
@@ -194,17 +362,18 @@ def table(results: dict, opts) -> str:
         f"warm-up, activation checkpointing {'on' if opts.checkpointing else 'off'}; load average "
         f"{os.getloadavg()[0]:.1f}",
         "",
-        "| flow | build s | RSS after build | peak RSS in steps | peak CUDA | step s (median) | tokens/s | "
-        "best step s | best tokens/s | load per step | trainable |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| flow | build s | RSS after build | peak RSS in steps | step's growth | peak CUDA | step s (median) | "
+        "tokens/s | best step s | best tokens/s | load per step | trainable |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for flow, r in results.items():
         if r.get("status") != "ok":
-            rows.append(f"| {flow} | {r.get('status')}: {r.get('error', '')[-200:].strip()!r} ||||||||||")
+            rows.append(f"| {flow} | {r.get('status')}: {r.get('error', '')[-200:].strip()!r} |||||||||||")
             continue
         step = statistics.median(r["step_s"])
         rows.append(
             f"| {flow} | {r['build_s']:.1f} | {_gib(r['rss_after_build'])} | {_gib(r['peak_rss_steps'])} | "
+            f"{_gib(r['peak_rss_steps'] - r['rss_after_build'])} | "
             f"{_gib(r['peak_cuda_steps']) if r['peak_cuda_steps'] else '-'} | {step:.2f} | "
             f"{opts.batch * opts.seq / step:.1f} | {min(r['step_s']):.2f} | "
             f"{opts.batch * opts.seq / min(r['step_s']):.1f} | "
@@ -213,25 +382,50 @@ def table(results: dict, opts) -> str:
     return "\n".join(rows)
 
 
+CHILDREN = {
+    "ours": child_ours,
+    "ours-plain": child_ours,
+    "hf": child_hf,
+    "torchtune": child_torchtune,
+    "torchtune-fp32": child_torchtune,
+}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="1.1B", help="model.args preset (tiny: smoke test)")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--flows", default="ours,hf", help="of ours, ours-plain (the loss from full logits), hf")
+    ap.add_argument(
+        "--flows",
+        default="ours,hf",
+        help="of ours, ours-plain (the loss from full logits), hf, torchtune, torchtune-fp32",
+    )
     ap.add_argument("--rounds", type=int, default=1, help="run the flows this many times, in turn")
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument(
         "--profile", type=int, default=0, metavar="ROWS", help="after the timed steps, profile one more (top ROWS ops)"
     )
+    ap.add_argument(
+        "--saved",
+        type=int,
+        default=0,
+        metavar="ROWS",
+        help="after the timed steps, one more step tallying the tensors saved for backward (top ROWS groups)",
+    )
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--ckpt", default=None, help="HF checkpoint for the hf flow (default: the synthetic one)")
-    ap.add_argument("--child", choices=["ours", "ours-plain", "hf"], help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--torchtune-python",
+        default=sys.executable,
+        help="the python of an environment with torchtune + torchao (bench/README.md), for the torchtune flows",
+    )
+    ap.add_argument("--child", choices=[*CHILDREN], help=argparse.SUPPRESS)
     opts = ap.parse_args()
     if opts.child:
         quiet_bitsandbytes()
-        emit(opts.child, {"ours": child_ours, "ours-plain": child_ours, "hf": child_hf}[opts.child](opts))
+        emit(opts.child, CHILDREN[opts.child](opts))
         return 0
     session = Session(f"qlora-step-{opts.shape}", __file__, timeout=opts.timeout)
     flows = opts.flows.split(",")
@@ -245,6 +439,7 @@ def main() -> int:
         ckpt=opts.ckpt,
         checkpointing=opts.checkpointing,
         profile=opts.profile or None,
+        saved=opts.saved or None,
     )
     # --rounds N runs the flows N times in turn (ours, hf, ours, hf, ...): on a shared machine a busy spell then
     # hits both sides instead of one side's repeats
@@ -252,9 +447,17 @@ def main() -> int:
     for i in range(opts.rounds):
         for flow in flows:
             tag = flow if opts.rounds == 1 else f"{flow}#{i + 1}"
-            results[tag] = session.spawn(flow, child_args, tag=tag)
+            python = opts.torchtune_python if flow.startswith("torchtune") else None
+            results[tag] = session.spawn(flow, child_args, tag=tag, python=python)
     md = table(results, opts)
     for tag, r in results.items():
+        if "saved_bytes" in r:
+            md += (
+                f"\n\n{tag}: saved for backward {_mib(r['saved_bytes'])} in {r['saved_tensors']} storages "
+                f"({', '.join(f'{k} {_mib(v)}' for k, v in r['saved_by_dtype'].items())}; "
+                f"{r['saved_params_skipped']} parameters left out); largest groups: "
+                + "; ".join(f"{n} x {shape} {dt} {_mib(b)}" for shape, dt, n, b in r["saved_top"])
+            )
         if r.get("profile"):
             md += f"\n\n{tag}: one profiled step, operators by self CPU time\n\n```\n{r['profile']}```"
     print(md)
