@@ -118,8 +118,9 @@ def test_dropout_masks_drop_p_of_the_elements_independently_and_keep_the_mean(p)
 
 def test_a_lora_block_keeps_its_inputs_once_bool_masks_and_gqa_sized_keys():
     """One training forward of a GQA block with LoRA (dropout) on all seven projections, bf16: what autograd keeps
-    is at most the sum below. The plain ops kept 1.6x as much at the Llama 3.2 1B shape (an fp32 copy per norm,
-    silu's output, a dropped-out copy and a bf16 mask per adapter (here: a seed), keys and values repeated per query head)."""
+    is at most the sum below. The plain ops kept 2x as much at the Llama 3.2 1B shape (an fp32 copy per norm,
+    silu's output, a dropped-out copy and a bf16 mask per adapter - here a seed -, keys and values repeated per
+    query head)."""
     args = ModelArgs(
         dim=128, n_layers=1, n_heads=8, n_kv_heads=2, vocab_size=64, multiple_of=32, max_seq_len=64
     ).replace(lora_rank=4, lora_alpha=8.0, lora_dropout=0.1)
