@@ -4,7 +4,7 @@ random-weight one never repeats itself, so no draft is ever accepted. This gives
 (every weight of the 1.1B shape is read per forward, zeros cost the same as any value) with the acceptance of a
 model that was trained to quote.
 
-    python bench/copy_model.py               # train (~12 min on 2 quiet cores, cached), evaluate, write the 1.1B checkpoint
+    python bench/copy_model.py               # train (~12 min on 2 quiet cores; cached), evaluate, graft to 1.1B
     python bench/copy_model.py --minutes 3   # a quicker, weaker model
     python bench/copy_model.py --hand-built  # no training: the hand-built copier (seconds)
 
