@@ -59,6 +59,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from tests.multiprocess import run_multiprocess  # noqa: E402
+from tests.util.test_qlora_fsdp import _Scaled  # noqa: E402  (a 4-bit 70 -> 3 linear times a trainable scale)
 
 
 def show(record: dict) -> None:
@@ -183,21 +184,6 @@ def _loss_and_grads(model, vocab: int):
             g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
             grads[n] = g.detach().clone()
     return float(loss.detach()), grads
-
-
-class _Scaled(nn.Module):
-    """A QuantLinear 70 -> 3 (210 codes, 105 bytes: not a multiple of 2 ranks) times a trainable fp32 scale."""
-
-    def __init__(self) -> None:
-        from util.quant import QuantLinear, quant_spec
-
-        super().__init__()
-        torch.manual_seed(0)
-        self.q = QuantLinear.from_linear(nn.Linear(70, 3, bias=False), quant_spec("4bit"))
-        self.scale = nn.Parameter(torch.full((3,), 1.5))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.q(x) * self.scale
 
 
 def _padding_case(mesh) -> dict:

@@ -13,7 +13,8 @@ in a smaller form:
   each adapter keeps x itself (one tensor shared by q, k, v, saved once) and the seed of its mask; backward
   draws the mask again and rebuilds the dropped-out copy.
 
-Only for training: without a gradient to take (decoding, evaluation) the callers run the plain ops.
+Without a gradient to take (decoding, evaluation) nothing is kept: recompute runs fn, dropout_linear the same mask
+rule, without the autograd function.
 """
 
 from __future__ import annotations
@@ -82,12 +83,16 @@ def _noise(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return keep.mul_(_WORD / (_WORD - drop)).to(x.dtype).view(x.shape)
 
 
+def _new_seed() -> int:
+    """A mask's seed, from the global generator: torch.manual_seed decides it, and activation checkpointing (which
+    restores the generator before recomputing) gets the same mask again."""
+    return int(torch.randint(0, 1 << 62, ()))
+
+
 class _DropoutLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
-        # the mask's seed comes from the global generator: torch.manual_seed decides it, and activation
-        # checkpointing (which restores the generator before recomputing) gets the same mask again
-        ctx.seed = int(torch.randint(0, 1 << 62, ()))
+        ctx.seed = _new_seed()
         ctx.p = p
         # the matmul's dtype: autocast's if on (it would cast both operands), else the operands' own
         device = x.device.type
@@ -116,5 +121,5 @@ def dropout_linear(x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Ten
     if p == 0:
         return F.linear(x, weight)
     if not needs_graph(x, weight):
-        return F.linear(x * _noise(x, p, int(torch.randint(0, 1 << 62, ()))), weight)
+        return F.linear(x * _noise(x, p, _new_seed()), weight)
     return _DropoutLinear.apply(x, weight, p)
