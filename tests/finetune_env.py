@@ -3,9 +3,13 @@ random base in Meta's format, and a small data config (a slice of the bundled da
 
 from __future__ import annotations
 
+import queue
+import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.helpers import params_of, random_state_dict, tiny_args
@@ -47,3 +51,18 @@ def make_env(root: Path, *, ratio: float = 0.05) -> FinetuneEnv:
         f"  - {{path: {REPO / 'data' / 'conversations_tiny.json'}, type: conversation, ratio: {ratio}}}\n"
     )
     return FinetuneEnv(root, root / "tokenizer.model", root / "base", cfg)
+
+
+def wait_until_paused(proc: subprocess.Popen, *, timeout: float, what: str = "pausing") -> None:
+    """Read the run's stdout (a text pipe) until a line starts with "pausing" (util.train's SAVE_PAUSE_ENV hook says
+    so once it holds the save). A run that ends first fails the test with its stderr tail where that was piped; one
+    that prints nothing for `timeout` s raises queue.Empty (a hang, not a slow machine)."""
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
+    while True:
+        line = lines.get(timeout=timeout)
+        if line is None:
+            stderr = f": {proc.stderr.read()[-2000:]}" if proc.stderr is not None else ""
+            pytest.fail(f"the run ended (rc {proc.wait()}) without {what}{stderr}")
+        if line.startswith("pausing"):
+            return

@@ -9,6 +9,7 @@ import os
 import pickle
 import socket
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -48,7 +49,9 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> No
 
 
 def run_multiprocess(fn, world_size: int, *args, timeout: float = 240):
-    """fn(rank, *args) in `world_size` spawned processes; returns the list of their results (picklable)."""
+    """fn(rank, *args) in `world_size` spawned processes; returns the list of their results (picklable). Ranks still
+    running after `timeout` s are killed and the test fails: a rank waiting in a collective that another never
+    joins would otherwise hang the suite."""
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(
             _worker,
@@ -57,8 +60,13 @@ def run_multiprocess(fn, world_size: int, *args, timeout: float = 240):
             join=False,
             start_method="spawn",
         )
-        while not ctx.join(timeout=timeout):
-            pass
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
+            if time.monotonic() >= deadline:
+                alive = [rank for rank, proc in enumerate(ctx.processes) if proc.is_alive()]
+                for proc in ctx.processes:
+                    proc.kill()
+                raise AssertionError(f"ranks {alive} of {world_size} still running after {timeout} s (a hang?): killed")
         results = []
         for rank in range(world_size):
             with open(Path(out_dir) / f"rank{rank}.pkl", "rb") as f:

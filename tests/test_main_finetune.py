@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from fairscale.nn.model_parallel import initialize as fs_mp
 
 import main_finetune
 from model.args import ModelArgs
-from tests.finetune_env import REPO, TOKENS, make_env
+from tests.finetune_env import REPO, TOKENS, make_env, wait_until_paused
 from tests.multiprocess import run_multiprocess
 from util.build import build_model
 from util.checkpoint import open_checkpoint
@@ -168,15 +166,8 @@ def killed(env, tmp_path_factory):
         text=True,
         env={**os.environ, SAVE_PAUSE_ENV: "4:120", "PYTHONPATH": str(REPO)},
     )
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
     try:
-        while True:
-            line = lines.get(timeout=120)  # raises queue.Empty if the run hangs
-            if line is None:
-                pytest.fail(f"the run ended (rc {proc.wait()}) without pausing in the save of iteration 4")
-            if line.startswith("pausing"):
-                break
+        wait_until_paused(proc, timeout=120, what="pausing in the save of iteration 4")
         assert (out / ".tmp-checkpoint-0000004" / "consolidated.00.safetensors").is_file()  # midway: weights written
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL

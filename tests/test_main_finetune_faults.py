@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 
 import pytest
 
 import main_finetune
-from tests.finetune_env import REPO, make_env
+from tests.finetune_env import REPO, make_env, wait_until_paused
 from util import output_dir as out_lock
 from util.cli import run
 from util.train import SAVE_PAUSE_ENV
@@ -49,15 +47,8 @@ def interrupted(env, tmp_path_factory):
         text=True,
         env={**os.environ, SAVE_PAUSE_ENV: "4:300", "PYTHONPATH": str(REPO)},
     )
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
     try:
-        while True:
-            line = lines.get(timeout=120)
-            if line is None:
-                pytest.fail(f"the run ended (rc {proc.wait()}) without pausing: {proc.stderr.read()[-2000:]}")
-            if line.startswith("pausing"):
-                break
+        wait_until_paused(proc, timeout=120)
         second = subprocess.run(
             [sys.executable, "main_finetune.py", *env.argv(out, "--quant", "4bit", "--max_iters", "2")],
             cwd=REPO,

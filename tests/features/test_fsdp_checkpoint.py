@@ -12,19 +12,17 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import queue
 import random
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import weakref
 
 import pytest
 import torch
 
-from tests.finetune_env import REPO, make_env
+from tests.finetune_env import REPO, make_env, wait_until_paused
 from tests.helpers import tiny_args
 from tests.multiprocess import _free_port, run_multiprocess
 from util.checkpoint import open_checkpoint
@@ -220,15 +218,8 @@ def killed(env, tmp_path_factory):
                 env={**os.environ, **rank_env},
             )
         )
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in procs[0].stdout] + [lines.put(None)], daemon=True).start()
     try:
-        while True:
-            line = lines.get(timeout=180)  # raises queue.Empty if the run hangs
-            if line is None:
-                pytest.fail(f"the run ended (rc {procs[0].wait()}) without pausing in the save of iteration 4")
-            if line.startswith("pausing"):
-                break
+        wait_until_paused(procs[0], timeout=180, what="pausing in the save of iteration 4")
         tmp = out / ".tmp-checkpoint-0000004"
         midway = sorted(p.name for p in (tmp / OPTIMIZER_DIR / "mp00").iterdir())
         for proc in procs:
